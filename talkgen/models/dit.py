@@ -1,0 +1,574 @@
+"""The Wan2.1 image-to-video DiT with the MultiTalk / InfiniteTalk audio adapter.
+
+Parameter names are those of the released checkpoints (``blocks.N.self_attn.q``,
+``cross_attn.k_img``, ``norm3``, ``audio_cross_attn.q_linear``, ``norm_x``, ``audio_proj.proj1_vf``,
+``head.modulation`` ...), so the 7 base shards and the 330-tensor audio files load with no key map.
+
+One block, in order (``m0..m5`` = ``modulation + e0``, computed in float32)::
+
+    x = x + self_attn(norm1(x) * (1 + m1) + m0) * m2          # 3-D RoPE, qk RMSNorm
+    x = x + cross_attn(norm3(x), image tokens, text tokens)    # two attentions, summed, then o
+    x = x + audio_cross_attn(norm_x(x), audio tokens of the same latent frame)
+    x = x + ffn(norm2(x) * (1 + m4) + m3) * m5
+
+Two speakers add L-RoPE routing: each video token gets a 1-D position from how much it attends
+to each person's region of the first latent frame (the "person map"), and each person's audio
+tokens a fixed position, so a token on person 1 hears person 1's speech. One speaker never builds
+the map (the reference builds it in every block and throws it away).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from talkgen.models.attention import attention
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    dim: int = 5120
+    ffn_dim: int = 13824
+    num_heads: int = 40
+    num_layers: int = 40
+    in_dim: int = 36
+    out_dim: int = 16
+    freq_dim: int = 256
+    text_dim: int = 4096
+    text_len: int = 512
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+    image_dim: int = 1280  # width of the image-encoder tokens (ViT-H/14)
+    # audio adapter
+    audio_window: int = 5  # wav2vec2 frames around each video frame
+    vae_scale: int = 4  # video frames per latent frame after the first
+    audio_layers: int = 12  # stacked wav2vec2 layer outputs
+    audio_channels: int = 768  # wav2vec2 hidden size
+    intermediate_dim: int = 512
+    output_dim: int = 768
+    context_tokens: int = 32  # audio tokens per person and latent frame
+    norm_input_visual: bool = True
+    norm_output_audio: bool = True
+    # L-RoPE ranges for two speakers: person 1 in [0, 4], person 2 in [20, 24], background 12
+    class_range: int = 24
+    class_interval: int = 4
+
+    @classmethod
+    def wan_i2v_14b(cls) -> DiTConfig:
+        return cls()
+
+    @classmethod
+    def tiny(cls) -> DiTConfig:
+        """The built-in tiny model: real structure, small widths; matches our tiny encoders."""
+        return cls(
+            dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32, image_dim=64,
+            audio_layers=3, audio_channels=32, intermediate_dim=32, output_dim=32, context_tokens=4,
+        )
+
+    @classmethod
+    def from_dict(cls, values: dict) -> DiTConfig:
+        """From a reference ``config.json`` (unknown keys such as ``model_type`` are ignored)."""
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in values.items() if k in known}
+        if "patch_size" in kwargs:
+            kwargs["patch_size"] = tuple(kwargs["patch_size"])
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, path: Path) -> DiTConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        values["model_type"] = "i2v"
+        return values
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+
+# --------------------------------------------------------------------------------------------
+# Small building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight.to(x.dtype)
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the input dtype (as the reference's WanLayerNorm)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, L, H*D] -> [B, H, L, D]"""
+    b, n, _ = x.shape
+    return x.view(b, n, heads, -1).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, L, D] -> [B, L, H*D]"""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+def sinusoidal_embedding(dim: int, position: torch.Tensor) -> torch.Tensor:
+    """Wan's timestep embedding: [cos | sin] of position * 10000^(-k/half), in float64."""
+    half = dim // 2
+    position = position.to(torch.float64)
+    freqs = torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=position.device).div(half))
+    angles = torch.outer(position, freqs)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Rotary position embeddings
+
+
+@lru_cache(maxsize=16)
+def _rope_3d_table(grid: tuple[int, int, int], head_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of the 3-D RoPE angles for a (T, h, w) token grid: each [T*h*w, head_dim/2].
+
+    The head dimension is split into time/height/width pairs as in Wan (22/21/21 for 128); each
+    axis uses theta=10000 over its own width. Angles are formed in float64 (as the reference),
+    then cos/sin are stored in float32.
+    """
+    pairs = head_dim // 2
+    h_pairs = w_pairs = pairs // 3
+    t_pairs = pairs - h_pairs - w_pairs
+
+    def axis_freqs(n_pairs: int) -> torch.Tensor:
+        width = 2 * n_pairs
+        return 1.0 / torch.pow(10000.0, torch.arange(0, width, 2, dtype=torch.float64) / width)
+
+    t, h, w = grid
+    ft = torch.outer(torch.arange(t, dtype=torch.float64), axis_freqs(t_pairs))
+    fh = torch.outer(torch.arange(h, dtype=torch.float64), axis_freqs(h_pairs))
+    fw = torch.outer(torch.arange(w, dtype=torch.float64), axis_freqs(w_pairs))
+    angles = torch.cat(
+        [
+            ft[:, None, None, :].expand(t, h, w, t_pairs),
+            fh[None, :, None, :].expand(t, h, w, h_pairs),
+            fw[None, None, :, :].expand(t, h, w, w_pairs),
+        ],
+        dim=-1,
+    ).reshape(t * h * w, pairs)
+    return angles.cos().float().to(device), angles.sin().float().to(device)
+
+
+def apply_rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs (x0, x1) of the last axis by the given angles, in float32.
+
+    ``x``: [B, H, L, D]; ``cos``/``sin``: broadcastable to [B, H, L, D/2].
+    """
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+
+
+def rope_1d_angles(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for 1-D RoPE over the full head dim, pairs interleaved: positions [...] -> [..., D/2]."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    angles = positions.float()[..., None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+# --------------------------------------------------------------------------------------------
+# Attention modules
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps)  # over the full width, before the head split
+        self.norm_k = RMSNorm(dim, eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        person_masks: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns the attention output and, when ``person_masks`` is given, the person map."""
+        cos, sin = rope
+        q = apply_rope_pairs(split_heads(self.norm_q(self.q(x)), self.num_heads), cos, sin)
+        k = apply_rope_pairs(split_heads(self.norm_k(self.k(x)), self.num_heads), cos, sin)
+        v = split_heads(self.v(x), self.num_heads)
+        q, k = q.to(v.dtype), k.to(v.dtype)
+        out = self.o(merge_heads(attention(q, k, v)))
+        person_map = None if person_masks is None else compute_person_map(q, k, person_masks)
+        return out, person_map
+
+
+def compute_person_map(q: torch.Tensor, k: torch.Tensor, person_masks: torch.Tensor) -> torch.Tensor:
+    """How much each video token attends to each person's region of the first latent frame.
+
+    ``q``, ``k``: [B, H, L, D] after RoPE; ``person_masks``: [classes, Nref] (token masks of latent
+    frame 0: person 1, person 2, background). Returns [B, classes, L]: for each class, the
+    softmax(q k_ref^T / sqrt(D)) mass on the class's tokens divided by its token count, averaged
+    over heads. That is an attention whose values are the normalised masks, so SDPA computes it
+    without materialising the [L, Nref] probability matrix (about 4 GB per block in the reference).
+    """
+    n_ref = person_masks.shape[1]
+    ref_k = k[:, :, :n_ref]
+    values = (person_masks / person_masks.sum(-1, keepdim=True)).t().to(q.dtype)  # [Nref, classes]
+    values = values.expand(q.shape[0], q.shape[1], n_ref, values.shape[-1])
+    mass = attention(q, ref_k, values)  # [B, H, L, classes]
+    return mass.float().mean(1).transpose(1, 2)
+
+
+class ImageTextCrossAttention(nn.Module):
+    """I2V cross-attention: text and image tokens attended separately, summed, projected once."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.k_img = nn.Linear(dim, dim)
+        self.v_img = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+        self.norm_k_img = RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        heads = self.num_heads
+        q = split_heads(self.norm_q(self.q(x)), heads)
+        k = split_heads(self.norm_k(self.k(text)), heads)
+        v = split_heads(self.v(text), heads)
+        k_img = split_heads(self.norm_k_img(self.k_img(image)), heads)
+        v_img = split_heads(self.v_img(image), heads)
+        out = merge_heads(attention(q, k, v)) + merge_heads(attention(q, k_img, v_img))
+        return self.o(out)
+
+
+class AudioCrossAttention(nn.Module):
+    """Each latent frame's video tokens attend only to that frame's audio tokens."""
+
+    def __init__(self, dim: int, audio_dim: int, num_heads: int, class_range: int, class_interval: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_linear = nn.Linear(dim, dim)
+        self.kv_linear = nn.Linear(audio_dim, dim * 2)
+        self.proj = nn.Linear(dim, dim)
+        self.person1_range = (0.0, float(class_interval))
+        self.person2_range = (float(class_range - class_interval), float(class_range))
+        self.background_position = float(class_range // 2)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        audio_tokens: torch.Tensor,
+        frames: int,
+        person_map: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``x``: [B, T*S, C]; ``audio_tokens``: [B, T, people*tokens, audio_dim];
+        ``person_map``: [B, 3, T*S] for two speakers, else None."""
+        b, n, c = x.shape
+        heads = self.num_heads
+        # [B, T*S, C] -> [B*T, S, C]: one attention problem per latent frame
+        q = split_heads(self.q_linear(x.reshape(b * frames, n // frames, c)), heads)
+        kv = self.kv_linear(audio_tokens.flatten(0, 1))  # [B*T, Na, 2C]
+        k, v = (split_heads(part, heads) for part in kv.chunk(2, dim=-1))
+        if person_map is not None:
+            q, k = self._route_speakers(q, k, person_map, frames)
+        out = merge_heads(attention(q, k, v))  # [B*T, S, C]
+        return self.proj(out).reshape(b, n, c)
+
+    def _route_speakers(
+        self, q: torch.Tensor, k: torch.Tensor, person_map: torch.Tensor, frames: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """L-RoPE: positions for video tokens from the person map, fixed ones for each person's audio."""
+        b = person_map.shape[0]
+        head_dim = q.shape[-1]
+        positions = self._token_positions(person_map)  # [B, T*S]
+        cos, sin = rope_1d_angles(positions.reshape(b * frames, 1, -1), head_dim)  # [B*T, 1, S, D/2]
+        q = apply_rope_pairs(q, cos, sin).to(q.dtype)
+        n_audio = k.shape[2]
+        audio_positions = torch.full((n_audio,), sum(self.person2_range) / 2, device=k.device)
+        audio_positions[: n_audio // 2] = sum(self.person1_range) / 2
+        cos_k, sin_k = rope_1d_angles(audio_positions, head_dim)
+        k = apply_rope_pairs(k, cos_k, sin_k).to(k.dtype)
+        return q, k
+
+    def _token_positions(self, person_map: torch.Tensor) -> torch.Tensor:
+        """Each token takes its strongest class's position; person scores are min-max scaled
+        over the whole clip into that person's range, the background is a constant."""
+
+        def rescale(scores: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+            smin = scores.amin(-1, keepdim=True)
+            smax = scores.amax(-1, keepdim=True)
+            return (scores - smin) / (smax - smin + 1e-8) * (hi - lo) + lo
+
+        person1 = rescale(person_map[:, 0], *self.person1_range)
+        person2 = rescale(person_map[:, 1], *self.person2_range)
+        background = torch.full_like(person1, self.background_position)
+        candidates = torch.stack([person1, person2, background], dim=1)  # [B, 3, L]
+        strongest = person_map.argmax(dim=1, keepdim=True)
+        return candidates.gather(1, strongest).squeeze(1)
+
+
+class AudioProjection(nn.Module):
+    """wav2vec2 windows -> ``context_tokens`` audio tokens per person and latent frame."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        c = config
+        per_frame = c.audio_layers * c.audio_channels
+        self.window = c.audio_window
+        self.vae_scale = c.vae_scale
+        self.context_tokens = c.context_tokens
+        self.output_dim = c.output_dim
+        self.proj1 = nn.Linear(c.audio_window * per_frame, c.intermediate_dim)  # latent frame 0
+        self.proj1_vf = nn.Linear((c.audio_window + c.vae_scale - 1) * per_frame, c.intermediate_dim)
+        self.proj2 = nn.Linear(c.intermediate_dim, c.intermediate_dim)
+        self.proj3 = nn.Linear(c.intermediate_dim, c.context_tokens * c.output_dim)
+        self.norm = nn.LayerNorm(c.output_dim) if c.norm_output_audio else nn.Identity()
+
+    def latent_windows(self, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Split per-video-frame windows into latent-frame windows.
+
+        ``audio``: [N, F, window, layers, channels] with F = 1 + vae_scale*(T-1). Latent frame 0
+        keeps video frame 0's window; latent frame k >= 1 covers video frames 4k-3..4k and takes
+        the first frame's left half-window, the middle frames' centres and the last frame's right
+        half-window: 8 consecutive wav2vec2 frames for window 5.
+        """
+        n, f = audio.shape[:2]
+        mid = self.window // 2
+        first = audio[:, :1]  # [N, 1, W, L, C]
+        later = audio[:, 1:].unflatten(1, ((f - 1) // self.vae_scale, self.vae_scale))  # [N, T-1, 4, W, L, C]
+        later = torch.cat(
+            [
+                later[:, :, 0, : mid + 1],
+                later[:, :, 1:-1, mid],
+                later[:, :, -1, mid:],
+            ],
+            dim=2,
+        )  # [N, T-1, W + vae_scale - 1, L, C]
+        return first, later
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        """[N, F, window, layers, channels] -> [N, T, context_tokens, output_dim]"""
+        first, later = self.latent_windows(audio)
+        first = torch.relu(self.proj1(first.flatten(2)))  # [N, 1, inter]
+        later = torch.relu(self.proj1_vf(later.flatten(2)))  # [N, T-1, inter]
+        hidden = torch.relu(self.proj2(torch.cat([first, later], dim=1)))
+        tokens = self.proj3(hidden).unflatten(-1, (self.context_tokens, self.output_dim))
+        if isinstance(self.norm, nn.LayerNorm):  # in float32, as InfiniteTalk's autocast does
+            tokens = F.layer_norm(tokens.float(), self.norm.normalized_shape, self.norm.weight.float(),
+                                  self.norm.bias.float(), self.norm.eps).to(tokens.dtype)
+        return tokens
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        c = config
+        self.norm1 = LayerNorm32(c.dim, eps=c.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(c.dim, c.num_heads, c.eps)
+        self.norm3 = LayerNorm32(c.dim, eps=c.eps, elementwise_affine=True)
+        self.cross_attn = ImageTextCrossAttention(c.dim, c.num_heads, c.eps)
+        self.norm2 = LayerNorm32(c.dim, eps=c.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(c.dim, c.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(c.ffn_dim, c.dim))
+        self.modulation = nn.Parameter(torch.empty(1, 6, c.dim))
+        self.audio_cross_attn = AudioCrossAttention(c.dim, c.output_dim, c.num_heads, c.class_range, c.class_interval)
+        self.norm_x = LayerNorm32(c.dim, eps=c.eps, elementwise_affine=True) if c.norm_input_visual else nn.Identity()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        e0: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        text: torch.Tensor,
+        image: torch.Tensor,
+        audio_tokens: torch.Tensor,
+        frames: int,
+        person_masks: torch.Tensor | None,
+    ) -> torch.Tensor:
+        dtype = x.dtype
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).chunk(6, dim=1)  # [B,1,C] each
+        h = (self.norm1(x).float() * (1 + scale1) + shift1).to(dtype)
+        y, person_map = self.self_attn(h, rope, person_masks)
+        x = (x.float() + y.float() * gate1).to(dtype)
+        x = x + self.cross_attn(self.norm3(x), text, image)
+        x = x + self.audio_cross_attn(self.norm_x(x), audio_tokens, frames, person_map)
+        y = self.ffn((self.norm2(x).float() * (1 + scale2) + shift2).to(dtype))
+        return (x.float() + y.float() * gate2).to(dtype)
+
+
+class Head(nn.Module):
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        c = config
+        self.norm = LayerNorm32(c.dim, eps=c.eps, elementwise_affine=False)
+        self.head = nn.Linear(c.dim, math.prod(c.patch_size) * c.out_dim)
+        self.modulation = nn.Parameter(torch.empty(1, 2, c.dim))
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)
+        h = self.norm(x).float() * (1 + scale) + shift
+        return F.linear(h, self.head.weight.float(), self.head.bias.float())
+
+
+class ImageProjection(nn.Module):
+    def __init__(self, image_dim: int, dim: int):
+        super().__init__()
+        self.proj = nn.Sequential(
+            nn.LayerNorm(image_dim), nn.Linear(image_dim, image_dim), nn.GELU(), nn.Linear(image_dim, dim), nn.LayerNorm(dim)
+        )
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.proj(tokens)
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+
+
+class WanMultiTalkDiT(nn.Module):
+    """Wan2.1 I2V DiT + audio adapter. Build on the meta device and load with
+    :func:`talkgen.weights.dit.load_dit`; parameters that stay float32 are listed in
+    :meth:`keeps_float32`."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        c = self.config = config
+        self.patch_embedding = nn.Conv3d(c.in_dim, c.dim, kernel_size=c.patch_size, stride=c.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(c.text_dim, c.dim), nn.GELU(approximate="tanh"), nn.Linear(c.dim, c.dim))
+        self.time_embedding = nn.Sequential(nn.Linear(c.freq_dim, c.dim), nn.SiLU(), nn.Linear(c.dim, c.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(c.dim, c.dim * 6))
+        self.blocks = nn.ModuleList([DiTBlock(c) for _ in range(c.num_layers)])
+        self.head = Head(c)
+        self.img_emb = ImageProjection(c.image_dim, c.dim)
+        self.audio_proj = AudioProjection(c)
+
+    @staticmethod
+    def keeps_float32(name: str) -> bool:
+        """The timestep path and modulation tables are tiny and precision-sensitive."""
+        return name.startswith(("time_embedding.", "time_projection.")) or name.endswith("modulation")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embedding.weight.device
+
+    # -- conditioning ------------------------------------------------------------------------
+
+    def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Timesteps [B] -> (e [B, C], e0 [B, 6, C]) in float32."""
+        weight_dtype = self.time_embedding[0].weight.dtype
+        e = self.time_embedding(sinusoidal_embedding(self.config.freq_dim, t).to(weight_dtype)).float()
+        e0 = self.time_projection(e.to(weight_dtype)).float().unflatten(1, (6, self.config.dim))
+        return e, e0
+
+    def embed_text(self, context: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """Text-encoder outputs (unpadded, or padded [B, L, text_dim]) -> [B, text_len, C]."""
+        if isinstance(context, torch.Tensor) and context.dim() == 2:
+            context = [context]
+        rows = [u.to(self.device, self.dtype) for u in context]
+        padded = torch.stack([F.pad(u, (0, 0, 0, self.config.text_len - u.shape[0])) for u in rows])
+        return self.text_embedding(padded)
+
+    def embed_audio(self, audio: torch.Tensor) -> torch.Tensor:
+        """[B, people, F, window, layers, channels] -> [B, T, people*context_tokens, output_dim]."""
+        b, people = audio.shape[:2]
+        frames = audio.shape[2]
+        if (frames - 1) % self.config.vae_scale:
+            raise ValueError(f"audio covers {frames} video frames; it must be 4n+1")
+        tokens = self.audio_proj(audio.flatten(0, 1).to(self.device, self.dtype))  # [B*P, T, n, C]
+        tokens = tokens.unflatten(0, (b, people))  # [B, P, T, n, C]
+        return tokens.permute(0, 2, 1, 3, 4).flatten(2, 3)  # persons side by side on the token axis
+
+    def person_token_masks(self, masks: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """[classes, h, w] latent-resolution masks -> [classes, h/2 * w/2] binary token masks."""
+        _, gh, gw = grid
+        token_masks = F.interpolate(masks[None].float(), size=(gh, gw), mode="nearest")[0] > 0
+        return token_masks.flatten(1).to(self.device, self.dtype)
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        context: torch.Tensor | list[torch.Tensor],
+        clip_fea: torch.Tensor,
+        audio: torch.Tensor,
+        ref_target_masks: torch.Tensor | None = None,
+        block_runner=None,
+    ) -> torch.Tensor:
+        """Predict the flow velocity.
+
+        x: noisy latent [B, 16, T, h, w]; t: timesteps [B] in [0, 1000]; y: condition
+        [B, 20, T, h, w]; context: text-encoder outputs (list of [L_i, text_dim] or padded);
+        clip_fea: image tokens [B, N, image_dim]; audio: [B, people, F, window, layers, channels];
+        ref_target_masks: [3, h, w] person/background masks, used only when people == 2.
+        ``block_runner`` (optional) replaces the loop over blocks (caching, offload).
+        Returns [B, 16, T, h, w] in float32.
+        """
+        grid, tokens = self.patchify(torch.cat([x, y], dim=1))
+        e, e0 = self.embed_time(t.to(self.device).reshape(-1))
+        text = self.embed_text(context)
+        image = self.img_emb(clip_fea.to(self.device, self.dtype))
+        audio_tokens = self.embed_audio(audio)
+        people = audio.shape[1]
+        person_masks = None
+        if people == 2:
+            if ref_target_masks is None:
+                raise ValueError("two speakers need ref_target_masks")
+            person_masks = self.person_token_masks(ref_target_masks, grid)
+        elif people != 1:
+            raise ValueError(f"{people} audio streams: MultiTalk supports one or two speakers")
+        rope = _rope_3d_table(grid, self.config.head_dim, self.device)
+        kwargs = dict(e0=e0, rope=rope, text=text, image=image, audio_tokens=audio_tokens,
+                      frames=grid[0], person_masks=person_masks)
+        if block_runner is None:
+            for block in self.blocks:
+                tokens = block(tokens, **kwargs)
+        else:
+            tokens = block_runner(self.blocks, tokens, kwargs)
+        return self.unpatchify(self.head(tokens, e), grid)
+
+    def patchify(self, latents: torch.Tensor) -> tuple[tuple[int, int, int], torch.Tensor]:
+        """[B, 36, T, h, w] -> grid (T, h/2, w/2) and tokens [B, T*h/2*w/2, C]."""
+        out = self.patch_embedding(latents.to(self.device, self.dtype))
+        grid = tuple(out.shape[2:])
+        return grid, out.flatten(2).transpose(1, 2)
+
+    def unpatchify(self, tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """[B, L, prod(patch)*out] -> [B, out, T, h, w]"""
+        pt, ph, pw = self.config.patch_size
+        b = tokens.shape[0]
+        u = tokens.view(b, *grid, pt, ph, pw, self.config.out_dim)
+        u = torch.einsum("bfhwpqrc->bcfphqwr", u)
+        return u.reshape(b, self.config.out_dim, grid[0] * pt, grid[1] * ph, grid[2] * pw).float()

@@ -1,0 +1,168 @@
+"""Stream checkpoint tensors into a model built on the meta device.
+
+Every model in talkgen is constructed on ``torch.device("meta")`` (no memory), then each tensor
+of the released files is read on its own, cast to the run dtype and assigned in place. Host RAM
+therefore peaks at the model in its run dtype plus one tensor, instead of the reference's fp32
+state dict plus a model copy (75-110 GB for the 14B DiT).
+
+Key checks are strict: a missing or unexpected key is a :class:`WeightsError` that names the key,
+the file it came from (or should have come from) and the weight set to download.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from talkgen.errors import WeightsError
+
+TensorGetter = Callable[[], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class WeightSet:
+    """What a user downloads to get a file: shown in every error about missing weights."""
+
+    name: str
+    repo_id: str
+    download_command: str
+
+    def advice(self) -> str:
+        return f"it belongs to {self.name} ({self.repo_id}); get it with `{self.download_command}`"
+
+
+@dataclass
+class LoadReport:
+    """Which file each parameter came from; useful for `talkgen info` and for debugging."""
+
+    source_of: dict[str, str] = field(default_factory=dict)
+    overridden: list[str] = field(default_factory=list)
+
+
+def iter_checkpoint(path: Path) -> Iterator[tuple[str, TensorGetter]]:
+    """Yield ``(key, getter)`` for every tensor of a safetensors or torch file, reading lazily.
+
+    Torch files are opened with ``weights_only=True`` (no pickle code runs) and memory-mapped, so
+    a multi-GB ``.pth`` is paged in tensor by tensor as well.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"Weight file {path} does not exist.")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            handle = safe_open(str(path), framework="pt", device="cpu")
+        except Exception as exc:  # a truncated or foreign file
+            raise WeightsError(f"{path} is not a readable safetensors file ({exc}); download it again.") from exc
+        with handle as f:
+            for key in f.keys():
+                yield key, (lambda f=f, key=key: f.get_tensor(key))
+        return
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise WeightsError(
+            f"{path} could not be read as a torch checkpoint with weights_only=True ({exc}); "
+            "talkgen never unpickles code, so download the file again or use its safetensors copy."
+        ) from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path} holds a {type(state).__name__}, not a dict of tensors.")
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor):
+            yield key, (lambda value=value: value)
+
+
+def iter_files(paths: Sequence[Path]) -> Iterator[tuple[str, TensorGetter, Path]]:
+    for path in paths:
+        for key, getter in iter_checkpoint(path):
+            yield key, getter, Path(path)
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    elif leaf in module._buffers:
+        module._buffers[leaf] = tensor
+    else:  # pragma: no cover - guarded by the key check
+        raise KeyError(name)
+
+
+def load_streaming(
+    model: nn.Module,
+    tensors: Iterable[tuple[str, TensorGetter, Path]],
+    *,
+    weight_set: WeightSet | Callable[[str], WeightSet],
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    rename: Callable[[str], str | None] | None = None,
+    keep_float32: Callable[[str], bool] | None = None,
+    convert: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    expected_files: str = "the weight files",
+) -> LoadReport:
+    """Assign every tensor of ``tensors`` into ``model`` (built on meta), strictly.
+
+    ``rename`` maps a file key to the model's parameter name, or ``None`` to skip a key the
+    model does not use (e.g. the text tower of the CLIP file). A key that appears again in a
+    later file overrides the earlier one: InfiniteTalk's audio file wins on collisions, as in the
+    reference. Floating tensors are cast to ``dtype`` on the fly unless ``keep_float32(name)``.
+    """
+    advice_for = weight_set if callable(weight_set) else (lambda _name: weight_set)
+    expected = dict(model.state_dict(keep_vars=True))
+    report = LoadReport()
+    unexpected: list[tuple[str, Path]] = []
+    for key, getter, path in tensors:
+        name = rename(key) if rename else key
+        if name is None:
+            continue
+        target = expected.get(name)
+        if target is None:
+            unexpected.append((key, path))
+            continue
+        tensor = getter()
+        if convert is not None:
+            tensor = convert(name, tensor)
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise WeightsError(
+                f"Tensor '{key}' in {path} has shape {tuple(tensor.shape)} but the model expects "
+                f"{tuple(target.shape)}: this file is for a different model size; {advice_for(name).advice()}."
+            )
+        if tensor.is_floating_point():
+            want = torch.float32 if keep_float32 and keep_float32(name) else (dtype or target.dtype)
+            tensor = tensor.to(device=device, dtype=want)
+        else:
+            tensor = tensor.to(device=device)
+        if name in report.source_of:
+            report.overridden.append(name)
+        _assign(model, name, tensor.contiguous())
+        report.source_of[name] = str(path)
+    if unexpected:
+        key, path = unexpected[0]
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise WeightsError(
+            f"Unexpected tensor '{key}' in {path}{more}: the file does not match this model; "
+            f"{advice_for(key).advice()}."
+        )
+    missing = sorted(set(expected) - set(report.source_of))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise WeightsError(
+            f"Tensor '{missing[0]}'{more} is missing from {expected_files}; {advice_for(missing[0]).advice()}."
+        )
+    return report
+
+
+@contextlib.contextmanager
+def meta_device() -> Iterator[None]:
+    """Build modules without allocating memory (parameters live on the meta device)."""
+    with torch.device("meta"):
+        yield

@@ -1,0 +1,272 @@
+"""MP4 in and out with PyAV: the generated frames plus the speech, in one encoding pass.
+
+The reference writes the frames with imageio-ffmpeg (libx264 at about CRF 25), cuts the audio with
+one ffmpeg call and muxes with another, re-encoding the video a second time at the libx264
+default. Here the frames are encoded once (libx264, yuv420p, ``crf`` 18 by default) and the audio
+(AAC) is muxed in the same pass, cut or zero-padded to exactly ``frames / fps`` seconds so the
+two streams end together.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+from talkgen.errors import InputError, ResourceError
+
+VIDEO_CODEC = "libx264"
+AUDIO_CODEC = "aac"
+DEFAULT_FPS = 25
+# Visually lossless for libx264; the reference's double encode lands near CRF 23-25 after two
+# generations, so 18 in one generation is at least as good at a moderate size.
+DEFAULT_CRF = 18
+
+# ffmpeg's colour-tag values for BT.601 limited range: what swscale's default rgb24 -> yuv420p
+# conversion produces, so players that honour tags decode the colours we encoded.
+_AVCOL_SPC_SMPTE170M = 6
+_AVCOL_RANGE_MPEG = 1
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """One stream of a media file."""
+
+    index: int
+    kind: str  # "video" | "audio" | other ffmpeg media types
+    codec: str
+    duration: float | None  # seconds
+    frames: int  # video frames or audio packets; counted by demuxing when the header lacks it
+    fps: float | None = None
+    width: int | None = None
+    height: int | None = None
+    sample_rate: int | None = None
+    channels: int | None = None
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    """What :func:`probe_media` reports: container duration and every stream."""
+
+    path: str
+    format: str
+    duration: float | None  # seconds
+    streams: list[StreamInfo] = field(default_factory=list)
+
+    @property
+    def video(self) -> StreamInfo | None:
+        return next((s for s in self.streams if s.kind == "video"), None)
+
+    @property
+    def audio(self) -> StreamInfo | None:
+        return next((s for s in self.streams if s.kind == "audio"), None)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_mp4(
+    path: str | Path,
+    frames: np.ndarray,
+    audio: np.ndarray | None,
+    sample_rate: int,
+    fps: int = DEFAULT_FPS,
+    crf: int = DEFAULT_CRF,
+    preset: str = "medium",
+) -> Path:
+    """Encode uint8 RGB ``frames [F, H, W, 3]`` (h264) and mono float ``audio`` (AAC) into ``path``.
+
+    The audio is cut or zero-padded to exactly ``F / fps`` seconds. Odd frame sizes are padded by
+    one edge row/column (yuv420p needs even sizes). The file is written beside ``path`` and
+    renamed into place, so a crash never leaves a half-written video under the final name.
+    """
+    path = Path(path)
+    frames = _check_frames(frames)
+    samples = None if audio is None else fit_audio(audio, len(frames), sample_rate, fps)
+    _require_encoder(VIDEO_CODEC)
+    if samples is not None:
+        _require_encoder(AUDIO_CODEC)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial.mp4")
+    try:
+        _encode(partial, frames, samples, sample_rate, fps, crf, preset)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def fit_audio(audio: np.ndarray, num_frames: int, sample_rate: int, fps: int = DEFAULT_FPS) -> np.ndarray:
+    """Mono float32 audio cut or zero-padded to ``num_frames / fps`` seconds."""
+    audio = np.asarray(audio, dtype=np.float32)
+    if audio.ndim != 1:
+        raise ValueError(f"expected mono audio [N], got shape {list(audio.shape)}")
+    length = round(num_frames * sample_rate / fps)
+    if len(audio) >= length:
+        return audio[:length]
+    return np.concatenate([audio, np.zeros(length - len(audio), dtype=np.float32)])
+
+
+def _check_frames(frames: np.ndarray) -> np.ndarray:
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
+        raise ValueError(
+            f"expected uint8 frames [F, H, W, 3] with F > 0, got {frames.dtype} {list(frames.shape)}"
+        )
+    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
+    if pad_h or pad_w:  # repeat the last row/column: invisible, unlike a black line
+        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    return frames
+
+
+def _require_encoder(name: str) -> None:
+    try:
+        av.codec.Codec(name, "w")
+    except Exception:
+        raise ResourceError(
+            f"The {name} encoder is missing from this PyAV/FFmpeg build: reinstall PyAV from its "
+            "official wheels (`pip install --force-reinstall av`), which include it."
+        ) from None
+
+
+def _encode(
+    path: Path,
+    frames: np.ndarray,
+    samples: np.ndarray | None,
+    sample_rate: int,
+    fps: int,
+    crf: int,
+    preset: str,
+) -> None:
+    height, width = frames.shape[1:3]
+    with av.open(str(path), mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
+        options = {"crf": str(crf), "preset": preset}
+        video = container.add_stream(VIDEO_CODEC, rate=Fraction(fps), options=options)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        video.codec_context.colorspace = _AVCOL_SPC_SMPTE170M
+        video.codec_context.color_range = _AVCOL_RANGE_MPEG
+        audio = None
+        if samples is not None:
+            audio = container.add_stream(AUDIO_CODEC, rate=sample_rate, layout="mono")
+            # AAC cannot spend more than 6144 bits per channel per 1024 samples.
+            audio.bit_rate = min(128_000, 6 * sample_rate)
+
+        # Interleave by time: after each video frame, the audio up to that frame's end, so the
+        # muxer never has to buffer one stream while waiting for the other.
+        samples_done = 0
+        for i, frame in enumerate(frames):
+            container.mux(video.encode(_video_frame(frame, i)))
+            if audio is not None:
+                end = round((i + 1) * sample_rate / fps)
+                chunk = _audio_frame(samples[samples_done:end], samples_done, sample_rate)
+                container.mux(audio.encode(chunk))
+                samples_done = end
+        container.mux(video.encode(None))
+        if audio is not None:
+            container.mux(audio.encode(None))
+
+
+def _video_frame(rgb: np.ndarray, index: int) -> av.VideoFrame:
+    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+    frame.pts = index  # in units of 1/fps (the stream's codec time base)
+    return frame
+
+
+def _audio_frame(samples: np.ndarray, start: int, sample_rate: int) -> av.AudioFrame:
+    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[None, :]), format="fltp", layout="mono")
+    frame.sample_rate = sample_rate
+    frame.pts = start
+    frame.time_base = Fraction(1, sample_rate)
+    return frame
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_video(path: str | Path, max_frames: int | None = None) -> tuple[np.ndarray, float]:
+    """Decode the first video stream as uint8 RGB ``[N, H, W, 3]``; returns the frames and the fps."""
+    path = _existing(path, "Video")
+    frames: list[np.ndarray] = []
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise InputError(
+                    f"Video file {path} has no video stream: give an MP4, MOV, MKV or WebM video."
+                )
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            fps = _stream_fps(stream)
+            for frame in container.decode(stream):
+                if max_frames is not None and len(frames) >= max_frames:
+                    break
+                frames.append(frame.to_ndarray(format="rgb24"))
+    except InputError:
+        raise
+    except (av.FFmpegError, OSError, ValueError) as exc:
+        raise _unreadable(path, exc) from None
+    if not frames:
+        raise InputError(f"Video file {path} contains no decodable frames: re-export the video.")
+    return np.stack(frames), fps
+
+
+def probe_media(path: str | Path) -> MediaInfo:
+    """Container and per-stream facts (codec, fps, frame count, duration, size, sample rate)."""
+    path = _existing(path, "Media")
+    try:
+        with av.open(str(path)) as container:
+            streams = [_stream_info(s) for s in container.streams]
+            if any(s.frames == 0 for s in streams):
+                streams = _count_packets(container, streams)
+            duration = container.duration / av.time_base if container.duration is not None else None
+            return MediaInfo(str(path), container.format.name, duration, streams)
+    except (av.FFmpegError, OSError, ValueError) as exc:
+        raise _unreadable(path, exc) from None
+
+
+def _stream_info(stream: av.stream.Stream) -> StreamInfo:
+    duration = None
+    if stream.duration is not None and stream.time_base:
+        duration = float(stream.duration * stream.time_base)
+    ctx = stream.codec_context
+    codec = ctx.name if ctx else ""
+    common = dict(index=stream.index, kind=stream.type, codec=codec, duration=duration, frames=stream.frames)
+    if stream.type == "video":
+        return StreamInfo(**common, fps=_stream_fps(stream), width=ctx.width, height=ctx.height)
+    if stream.type == "audio":
+        return StreamInfo(**common, sample_rate=ctx.sample_rate, channels=ctx.channels)
+    return StreamInfo(**common)
+
+
+def _count_packets(container: av.container.InputContainer, streams: list[StreamInfo]) -> list[StreamInfo]:
+    """Some containers (MKV, WebM) do not store frame counts: count packets instead."""
+    counts = {s.index: 0 for s in streams}
+    for packet in container.demux():
+        if packet.size:
+            counts[packet.stream.index] += 1
+    return [s if s.frames else StreamInfo(**{**s.__dict__, "frames": counts[s.index]}) for s in streams]
+
+
+def _stream_fps(stream: av.video.stream.VideoStream) -> float:
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    return float(rate) if rate else float(DEFAULT_FPS)
+
+
+def _existing(path: str | Path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what} file {path} does not exist: check the path.")
+    return path
+
+
+def _unreadable(path: Path, exc: Exception) -> InputError:
+    return InputError(
+        f"File {path} cannot be read as media ({type(exc).__name__}: {exc}): "
+        "it is damaged or not audio/video; re-export it as MP4 (h264 + AAC)."
+    )

@@ -179,7 +179,7 @@ def prepare_condition_image(image: ImageLike, tier: int | str = 480) -> np.ndarr
 def to_signed_unit(frame: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 ``[..., H, W, 3]`` -> float32 ``[..., 3, H, W]`` in [-1, 1], with the reference's ops
     (``x / 255``, then ``(x - 0.5) * 2``) so the values match to the last bit."""
-    t = torch.as_tensor(np.asarray(frame)) if not isinstance(frame, torch.Tensor) else frame
+    t = torch.from_numpy(np.array(frame, copy=True)) if not isinstance(frame, torch.Tensor) else frame
     if t.dtype != torch.uint8:
         raise TypeError(f"expected uint8 pixels, got {t.dtype}")
     t = t.movedim(-1, -3) / 255

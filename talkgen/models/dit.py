@@ -68,7 +68,7 @@ class DiTConfig:
     def tiny(cls) -> DiTConfig:
         """The built-in tiny model: real structure, small widths; matches our tiny encoders."""
         return cls(
-            dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32, image_dim=64,
+            dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=64, image_dim=64,
             audio_layers=3, audio_channels=32, intermediate_dim=32, output_dim=32, context_tokens=4,
         )
 

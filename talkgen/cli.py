@@ -180,19 +180,22 @@ def info(
     else:
         console.print("GPU: none (CUDA not available); generation runs on the CPU")
     console.print("attention backend: torch SDPA")
+    from talkgen.weights.cli import weights_report
+
     weights_dir = weights_dir or default_cache_dir() / "tiny"
     console.print(f"weights directory: {weights_dir}")
-    for model, people in (("multitalk", "single"), ("infinitetalk", "single"), ("infinitetalk", "multi"), ("tiny", "single")):
-        if model == "tiny" and not (weights_dir / "talkgen-tiny.json").is_file():
-            continue
-        missing = [path for path, _ in required_files(weights_dir, model, people) if not path.exists()]
-        label = model if model != "infinitetalk" else f"infinitetalk ({people})"
-        if missing:
-            console.print(f"  {label}: missing {len(missing)} file(s), first {missing[0]}")
-        else:
-            console.print(f"  {label}: complete")
+    for line in weights_report(weights_dir):
+        console.print(f"  {line}", soft_wrap=True, highlight=False, markup=False)
+    if (weights_dir / "talkgen-tiny.json").is_file():
+        missing = [path for path, _ in required_files(weights_dir, "tiny") if not path.exists()]
+        console.print(f"  tiny built-in model (random weights): {'complete' if not missing else f'missing {missing[0]}'}",
+                      soft_wrap=True, highlight=False)
 
 
+from talkgen.weights.cli import download, verify  # noqa: E402  (light: heavy imports happen inside the commands)
+
+app.command()(reports_errors(download))
+app.command()(reports_errors(verify))
 
 
 def main() -> None:  # pragma: no cover - console entry

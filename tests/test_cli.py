@@ -121,4 +121,4 @@ def test_missing_audio_adapter_file(tiny_weights: Path, inputs: dict, tmp_path: 
 def test_info_lists_weights(tiny_weights: Path) -> None:
     result, output = run("info", "--weights", tiny_weights)
     assert result.exit_code == 0, output
-    assert "tiny: complete" in output and "torch" in output
+    assert "tiny built-in model (random weights): complete" in output and "torch" in output

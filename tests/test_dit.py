@@ -113,3 +113,24 @@ def test_loads_in_bfloat16_with_float32_time_path(path: Path, tmp_path: Path) ->
     assert model.time_projection[1].weight.dtype == torch.float32
     assert report.source_of["audio_proj.proj1.weight"].endswith("multitalk.safetensors")
     assert not any(p.is_meta for p in model.parameters())
+
+
+@pytest.mark.parametrize("path", golden_params("multitalk_dit_"))
+def test_diffusers_layout_loads_to_the_same_model(path: Path, tmp_path: Path) -> None:
+    """The -Diffusers repo's transformer/ (diffusers names) + the separate audio file."""
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    tensors, meta = read_golden(path)
+    weights = golden_weights(tensors)
+    base = {k: v for k, v in weights.items() if not is_audio_key(k)}
+    converted = convert_wan_transformer_to_diffusers(dict(base))
+    assert "blocks.0.attn2.add_k_proj.weight" in converted  # really diffusers names
+    transformer = tmp_path / "transformer"
+    transformer.mkdir()
+    save_file({k: v.contiguous() for k, v in converted.items()}, str(transformer / "diffusion_pytorch_model.safetensors"))
+    audio_file = tmp_path / "multitalk.safetensors"
+    save_file({k: v.contiguous() for k, v in weights.items() if is_audio_key(k)}, str(audio_file))
+    config = DiTConfig.from_dict(meta_json(meta, "config"))
+    model, _ = load_dit(transformer, audio_file, config=config, dtype=torch.float32, layout="diffusers")
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, weights[name].to(value.dtype)), name

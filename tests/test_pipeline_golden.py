@@ -63,3 +63,29 @@ def test_clip_loop_matches_reference(path: Path, tmp_path: Path) -> None:
         assert rel_err(y_latent, tensors[f"{case}.debug.vae_latent_of_condition"]) <= 1e-4, case
         err = rel_err(latent, tensors[f"{case}.expected.latent"])
         assert err <= 1e-4, f"{case}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("path", golden_params("stream_"))
+def test_first_chunk_of_streams_is_the_clip_mode_of_each_model(path: Path, tmp_path: Path) -> None:
+    """Chunk 0 of the reference's streaming runs is its clip mode: MultiTalk re-noises nothing,
+    InfiniteTalk keeps the reference frame's latent clean in latent frame 0."""
+    tensors, meta = read_golden(path)
+    pipe = golden_pipeline(meta, tmp_path)
+    for case, options in meta_json(meta, "cases").items():
+        if options["input"] != "image":
+            continue  # video dubbing belongs to the streaming features
+        inputs = case_inputs(tensors, case)
+        pipe.model = options["model"]
+        image = inputs["image_rgb"].numpy()
+        tier = int(options["bucket_family"].rsplit("-", 1)[1])
+        condition = prepare_condition_image(image, tier)
+        people = options["people"]
+        masks = person_masks(image.shape[0], image.shape[1], condition.shape[:2], people, options.get("bbox"))
+        latent = pipe.generate_latents(
+            condition, [inputs[f"audio_emb.person{i + 1}"] for i in range(people)],
+            context=inputs["context"], context_null=inputs["context_null"], clip_tokens=inputs["clip_tokens.chunk0"],
+            noise=inputs["noise.chunk0"], person_masks=masks if people == 2 else None, frame_num=options["frame_num"],
+            steps=options["steps"], shift=options["shift"], guidance=GuidanceConfig(options["text"], options["audio"]),
+        )
+        err = rel_err(latent, tensors[f"{case}.expected.latent.chunk0"])
+        assert err <= 1e-4, f"{case}: rel err {err:.2e}"

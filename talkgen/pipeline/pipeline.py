@@ -34,6 +34,8 @@ from talkgen.sampling.schedule import euler_step, shifted_timesteps
 FPS = 25
 SPEECH_RATE = 16_000
 AUDIO_WINDOW_OFFSETS = torch.arange(-2, 3)  # wav2vec2 frames around each video frame
+# InfiniteTalk's cond_video is a video when it has one of these suffixes (the reference's list).
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".flv", ".wmv", ".webm", ".mpeg", ".mpg"}
 
 
 @dataclass
@@ -190,18 +192,29 @@ class Pipeline:
         steps: int,
         shift: float,
         guidance: GuidanceConfig,
+        clean_prefix: torch.Tensor | None = None,
         progress: ProgressCallback = no_progress,
         chunk: int = 0,
     ) -> torch.Tensor:
-        """Integrate the flow ODE from ``noise`` [16, T, h, w] to a clean latent (float32)."""
+        """Integrate the flow ODE from ``noise`` [16, T, h, w] to a clean latent (float32).
+
+        ``clean_prefix`` [16, Tm, h, w] (InfiniteTalk): latents of known frames, written over the
+        first ``Tm`` latent frames before every model call and after every update, so the model
+        always sees them clean.
+        """
         timesteps = shifted_timesteps(steps, shift).to(self.device)
         combiner = Guidance(guidance)
         passes = self._pass_inputs(cond, guidance.passes)
-        latent = noise.to(self.device, torch.float32)
+        latent = noise.to(self.device, torch.float32).clone()
+        prefix = None if clean_prefix is None else clean_prefix.to(self.device, torch.float32)
         for i in range(steps):
+            if prefix is not None:
+                latent[:, : prefix.shape[1]] = prefix
             t = timesteps[i : i + 1]
             preds = {name: self._predict(latent, t, cond, **inputs) for name, inputs in passes.items()}
             latent = euler_step(latent, combiner.combine(preds), timesteps[i], timesteps[i + 1])
+            if prefix is not None:
+                latent[:, : prefix.shape[1]] = prefix
             progress(ProgressEvent("sample", i + 1, steps, chunk))
         return latent
 
@@ -268,10 +281,15 @@ class Pipeline:
             audio=audio.to(self.device),
             person_masks=None if person_masks is None else person_masks.to(self.device),
         )
+        clean_prefix = None
+        if self.model == "infinitetalk":
+            # InfiniteTalk keeps the reference frame's own latent clean in latent frame 0.
+            clean_prefix = self.vae.encode(frame[:, None].to(self.vae.device)).float()
         if noise is None:
             generator = torch.Generator().manual_seed(seed)
             noise = torch.randn(16, (frame_num - 1) // 4 + 1, height // 8, width // 8, generator=generator)
-        return self.sample_chunk(noise, cond, steps=steps, shift=shift, guidance=guidance, progress=progress)
+        return self.sample_chunk(noise, cond, steps=steps, shift=shift, guidance=guidance,
+                                 clean_prefix=clean_prefix, progress=progress)
 
     def generate(
         self,
@@ -285,6 +303,11 @@ class Pipeline:
         from talkgen.media.video import write_mp4
 
         seed = resolve_seed(request.seed)
+        if request.cond_video is not None and request.cond_video.suffix.lower() in VIDEO_SUFFIXES:
+            raise InputError(
+                f"cond_video {request.cond_video} is a video: video dubbing is not available in this version; "
+                "give a portrait image as cond_image."
+            )
         image = load_image(request.condition_path)
         bucket_h, bucket_w = choose_bucket(image.shape[0], image.shape[1], request.size)
         height, width = bucket_h // self.bucket_divisor, bucket_w // self.bucket_divisor

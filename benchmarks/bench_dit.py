@@ -1,0 +1,79 @@
+"""Time the full-size DiT (Wan2.1 I2V-14B + audio adapter) with random weights on one GPU.
+
+Reports per-NFE time, the 3-NFE and 2-NFE step, peak GPU memory and host RSS, eager and with
+the blocks compiled. Run on the GPU machine:
+
+    python benchmarks/bench_dit.py --frames 81 --height 448 --width 896
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import cuda_time, median, peak_rss_gib, random_dit, save  # noqa: E402
+from talkgen.models.dit import DiTConfig  # noqa: E402
+
+
+def inputs(config: DiTConfig, frames: int, height: int, width: int, people: int, dtype, device="cuda"):
+    g = torch.Generator(device=device).manual_seed(1)
+    t_lat, h, w = (frames - 1) // 4 + 1, height // 8, width // 8
+    rnd = lambda *shape: torch.randn(*shape, generator=g, device=device)  # noqa: E731
+    masks = torch.zeros(3, h, w, device=device)
+    masks[0, :, : w // 2] = 1
+    masks[1, :, w // 2 :] = 1
+    return dict(
+        x=rnd(1, 16, t_lat, h, w), y=rnd(1, 20, t_lat, h, w), t=torch.tensor([999.0], device=device),
+        context=[rnd(120, config.text_dim).to(dtype)], clip_fea=rnd(1, 257, config.image_dim).to(dtype),
+        audio=rnd(1, people, frames, config.audio_window, config.audio_layers, config.audio_channels).to(dtype),
+        ref_target_masks=masks if people == 2 else None,
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--frames", type=int, default=81)
+    ap.add_argument("--height", type=int, default=448)
+    ap.add_argument("--width", type=int, default=896)
+    ap.add_argument("--layers", type=int, default=40)
+    ap.add_argument("--people", type=int, default=1)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--tag", default="")
+    a = ap.parse_args()
+
+    dtype = torch.bfloat16
+    config = DiTConfig(num_layers=a.layers)
+    model = random_dit(config, dtype)
+    if a.compile:
+        for block in model.blocks:
+            block.compile(dynamic=False)
+    cond = inputs(config, a.frames, a.height, a.width, a.people, dtype)
+    null_audio = torch.zeros_like(cond["audio"][:, -1:])
+
+    def nfe(audio=None):
+        with torch.no_grad():
+            return model(**dict(cond, audio=cond["audio"] if audio is None else audio,
+                                ref_target_masks=cond["ref_target_masks"] if audio is None else None))
+
+    torch.cuda.reset_peak_memory_stats()
+    per_nfe = cuda_time(nfe, warmup=2 if a.compile else 1, reps=a.reps)
+    step3 = cuda_time(lambda: (nfe(), nfe(), nfe(null_audio)), warmup=0, reps=2)
+    step2 = cuda_time(lambda: (nfe(), nfe(null_audio)), warmup=0, reps=2)
+    tokens = ((a.frames - 1) // 4 + 1) * (a.height // 16) * (a.width // 16)
+    save(f"dit{a.tag}_{'compiled' if a.compile else 'eager'}_{a.people}p", dict(
+        impl="talkgen", compiled=a.compile, dtype="bf16", layers=a.layers, people=a.people, tokens=tokens,
+        frames=a.frames, size=[a.height, a.width], nfe_s=median(per_nfe), nfe_all=per_nfe,
+        step3_s=median(step3), step2_s=median(step2),
+        peak_gpu_gib=torch.cuda.max_memory_allocated() / 2**30, peak_rss_gib=peak_rss_gib(),
+        params=sum(p.numel() for p in model.parameters()),
+    ))
+
+
+if __name__ == "__main__":
+    main()

@@ -61,17 +61,30 @@ def main() -> None:
             return model(**dict(cond, audio=cond["audio"] if audio is None else audio,
                                 ref_target_masks=cond["ref_target_masks"] if audio is None else None))
 
+    def batched_step(passes: int):
+        """All guidance passes of one step in one forward (one speaker: they share the audio shape)."""
+        audio = torch.cat([cond["audio"]] * (passes - 1) + [null_audio])
+        batch = dict(cond, x=cond["x"].expand(passes, -1, -1, -1, -1), y=cond["y"].expand(passes, -1, -1, -1, -1),
+                     t=cond["t"].expand(passes), context=cond["context"] * passes,
+                     clip_fea=cond["clip_fea"].expand(passes, -1, -1), audio=audio, ref_target_masks=None)
+        with torch.no_grad():
+            return model(**batch)
+
     torch.cuda.reset_peak_memory_stats()
     per_nfe = cuda_time(nfe, warmup=2 if a.compile else 1, reps=a.reps)
     step3 = cuda_time(lambda: (nfe(), nfe(), nfe(null_audio)), warmup=0, reps=2)
     step2 = cuda_time(lambda: (nfe(), nfe(null_audio)), warmup=0, reps=2)
+    batched = {}
+    if a.people == 1:
+        batched["step3_batched_s"] = median(cuda_time(lambda: batched_step(3), warmup=1, reps=2))
+        batched["step2_batched_s"] = median(cuda_time(lambda: batched_step(2), warmup=1, reps=2))
     tokens = ((a.frames - 1) // 4 + 1) * (a.height // 16) * (a.width // 16)
     save(f"dit{a.tag}_{'compiled' if a.compile else 'eager'}_{a.people}p", dict(
         impl="talkgen", compiled=a.compile, dtype="bf16", layers=a.layers, people=a.people, tokens=tokens,
         frames=a.frames, size=[a.height, a.width], nfe_s=median(per_nfe), nfe_all=per_nfe,
         step3_s=median(step3), step2_s=median(step2),
         peak_gpu_gib=torch.cuda.max_memory_allocated() / 2**30, peak_rss_gib=peak_rss_gib(),
-        params=sum(p.numel() for p in model.parameters()),
+        params=sum(p.numel() for p in model.parameters()), **batched,
     ))
 
 

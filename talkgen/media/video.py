@@ -9,6 +9,8 @@ two streams end together.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import os
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -145,31 +147,63 @@ def _encode(
     preset: str,
 ) -> None:
     height, width = frames.shape[1:3]
-    with av.open(str(path), mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
-        options = {"crf": str(crf), "preset": preset}
-        video = container.add_stream(VIDEO_CODEC, rate=Fraction(fps), options=options)
-        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-        video.codec_context.colorspace = _AVCOL_SPC_SMPTE170M
-        video.codec_context.color_range = _AVCOL_RANGE_MPEG
-        audio = None
-        if samples is not None:
-            audio = container.add_stream(AUDIO_CODEC, rate=sample_rate, layout="mono")
-            # AAC cannot spend more than 6144 bits per channel per 1024 samples.
-            audio.bit_rate = min(128_000, 6 * sample_rate)
+    with Mp4Writer(path, width, height, samples, sample_rate, fps, crf, preset) as writer:
+        writer.write(frames)
 
-        # Interleave by time: after each video frame, the audio up to that frame's end, so the
-        # muxer never has to buffer one stream while waiting for the other.
-        samples_done = 0
-        for i, frame in enumerate(frames):
-            container.mux(video.encode(_video_frame(frame, i)))
-            if audio is not None:
-                end = round((i + 1) * sample_rate / fps)
-                chunk = _audio_frame(samples[samples_done:end], samples_done, sample_rate)
-                container.mux(audio.encode(chunk))
-                samples_done = end
-        container.mux(video.encode(None))
+
+class Mp4Writer:
+    """Encode frames as they come (h264 + AAC, interleaved by time), so a long video is never
+    held in memory. ``audio`` is the whole soundtrack; after each frame, the audio up to that
+    frame's end is encoded with it. Written to ``path`` directly: callers that need an atomic
+    result write to a temporary name (as :func:`write_mp4` does)."""
+
+    def __init__(self, path: Path, width: int, height: int, audio: np.ndarray | None, sample_rate: int,
+                 fps: int = DEFAULT_FPS, crf: int = DEFAULT_CRF, preset: str = "medium"):
+        _require_encoder(VIDEO_CODEC)
         if audio is not None:
-            container.mux(audio.encode(None))
+            _require_encoder(AUDIO_CODEC)
+        self.width, self.height = width + width % 2, height + height % 2
+        self.samples = None if audio is None else np.asarray(audio, dtype=np.float32)
+        self.sample_rate, self.fps = sample_rate, fps
+        self.frames_written = self.samples_done = 0
+        self.container = av.open(str(path), mode="w", format="mp4", options={"movflags": "+faststart"})
+        self.video = self.container.add_stream(VIDEO_CODEC, rate=Fraction(fps), options={"crf": str(crf), "preset": preset})
+        self.video.width, self.video.height, self.video.pix_fmt = self.width, self.height, "yuv420p"
+        self.video.codec_context.colorspace = _AVCOL_SPC_SMPTE170M
+        self.video.codec_context.color_range = _AVCOL_RANGE_MPEG
+        self.audio = None
+        if self.samples is not None:
+            self.audio = self.container.add_stream(AUDIO_CODEC, rate=sample_rate, layout="mono")
+            # AAC cannot spend more than 6144 bits per channel per 1024 samples.
+            self.audio.bit_rate = min(128_000, 6 * sample_rate)
+
+    def write(self, frames: np.ndarray) -> None:
+        """Append uint8 RGB frames [F, H, W, 3]."""
+        for frame in _check_frames(frames):
+            self.container.mux(self.video.encode(_video_frame(frame, self.frames_written)))
+            self.frames_written += 1
+            if self.audio is not None:
+                end = round(self.frames_written * self.sample_rate / self.fps)
+                piece = self.samples[self.samples_done:end]
+                if len(piece) < end - self.samples_done:  # speech shorter than the video: silence
+                    piece = np.concatenate([piece, np.zeros(end - self.samples_done - len(piece), np.float32)])
+                self.container.mux(self.audio.encode(_audio_frame(piece, self.samples_done, self.sample_rate)))
+                self.samples_done = end
+
+    def close(self) -> None:
+        self.container.mux(self.video.encode(None))
+        if self.audio is not None:
+            self.container.mux(self.audio.encode(None))
+        self.container.close()
+
+    def __enter__(self) -> "Mp4Writer":
+        return self
+
+    def __exit__(self, exc_type, *_exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.container.close()
 
 
 def _video_frame(rgb: np.ndarray, index: int) -> av.VideoFrame:
@@ -190,10 +224,9 @@ def _audio_frame(samples: np.ndarray, start: int, sample_rate: int) -> av.AudioF
 # Reading
 
 
-def read_video(path: str | Path, max_frames: int | None = None) -> tuple[np.ndarray, float]:
-    """Decode the first video stream as uint8 RGB ``[N, H, W, 3]``; returns the frames and the fps."""
+def iter_video_frames(path: str | Path) -> Iterator[np.ndarray]:
+    """Decode the first video stream frame by frame as uint8 RGB ``[H, W, 3]``."""
     path = _existing(path, "Video")
-    frames: list[np.ndarray] = []
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -202,18 +235,26 @@ def read_video(path: str | Path, max_frames: int | None = None) -> tuple[np.ndar
                 )
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            fps = _stream_fps(stream)
+            produced = False
             for frame in container.decode(stream):
-                if max_frames is not None and len(frames) >= max_frames:
-                    break
-                frames.append(frame.to_ndarray(format="rgb24"))
+                produced = True
+                yield frame.to_ndarray(format="rgb24")
     except InputError:
         raise
     except (av.FFmpegError, OSError, ValueError) as exc:
         raise _unreadable(path, exc) from None
-    if not frames:
+    if not produced:
         raise InputError(f"Video file {path} contains no decodable frames: re-export the video.")
-    return np.stack(frames), fps
+
+
+def read_video(path: str | Path, max_frames: int | None = None) -> tuple[np.ndarray, float]:
+    """Decode the first video stream as uint8 RGB ``[N, H, W, 3]``; returns the frames and the fps."""
+    frames: list[np.ndarray] = []
+    for frame in iter_video_frames(path):
+        if max_frames is not None and len(frames) >= max_frames:
+            break
+        frames.append(frame)
+    return np.stack(frames), probe_media(path).video.fps
 
 
 def probe_media(path: str | Path) -> MediaInfo:

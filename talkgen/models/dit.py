@@ -178,7 +178,7 @@ def _rope_3d_table(grid: tuple[int, int, int], head_dim: int, device: torch.devi
 def apply_rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive pairs (x0, x1) of the last axis by the given angles, in float32.
 
-    ``x``: [B, H, L, D]; ``cos``/``sin``: broadcastable to [B, H, L, D/2].
+    ``x``: [..., D]; ``cos``/``sin``: broadcastable to [..., D/2].
     """
     xf = x.float().unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
@@ -214,11 +214,14 @@ class SelfAttention(nn.Module):
         person_masks: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns the attention output and, when ``person_masks`` is given, the person map."""
-        cos, sin = rope
-        q = apply_rope_pairs(split_heads(self.norm_q(self.q(x)), self.num_heads), cos, sin)
-        k = apply_rope_pairs(split_heads(self.norm_k(self.k(x)), self.num_heads), cos, sin)
-        v = split_heads(self.v(x), self.num_heads)
-        q, k = q.to(v.dtype), k.to(v.dtype)
+        b, n, _ = x.shape
+        cos, sin = (t[:, None] for t in rope)  # [L, 1, D/2]: broadcast over heads
+        # RoPE is applied in the [B, L, H, D] layout the projections produce (coalesced writes);
+        # attention takes [B, H, L, D] views of it.
+        q = apply_rope_pairs(self.norm_q(self.q(x)).view(b, n, self.num_heads, -1), cos, sin)
+        k = apply_rope_pairs(self.norm_k(self.k(x)).view(b, n, self.num_heads, -1), cos, sin)
+        v = self.v(x).view(b, n, self.num_heads, -1)
+        q, k, v = (t.to(x.dtype).transpose(1, 2) for t in (q, k, v))
         out = self.o(merge_heads(attention(q, k, v)))
         person_map = None if person_masks is None else compute_person_map(q, k, person_masks)
         return out, person_map
@@ -233,11 +236,13 @@ def compute_person_map(q: torch.Tensor, k: torch.Tensor, person_masks: torch.Ten
     over heads. That is an attention whose values are the normalised masks, so SDPA computes it
     without materialising the [L, Nref] probability matrix (about 4 GB per block in the reference).
     """
-    n_ref = person_masks.shape[1]
+    classes, n_ref = person_masks.shape
     ref_k = k[:, :, :n_ref]
-    values = (person_masks / person_masks.sum(-1, keepdim=True)).t().to(q.dtype)  # [Nref, classes]
-    values = values.expand(q.shape[0], q.shape[1], n_ref, values.shape[-1])
-    mass = attention(q, ref_k, values)  # [B, H, L, classes]
+    values = (person_masks / person_masks.sum(-1, keepdim=True)).t()  # [Nref, classes]
+    # Zero-padded to the head dim so SDPA can use its fused kernels (they need equal q/v widths).
+    values = F.pad(values, (0, q.shape[-1] - classes)).to(q.dtype)
+    values = values.expand(q.shape[0], q.shape[1], n_ref, q.shape[-1])
+    mass = attention(q, ref_k, values)[..., :classes]  # [B, H, L, classes]
     return mass.float().mean(1).transpose(1, 2)
 
 

@@ -56,14 +56,18 @@ def _download_command(weights_dir: Path, model: str, people: str, weight_set: We
     return (weight_set or manifest.WAN_I2V_480P).download_command.replace("DIR", str(weights_dir))
 
 
-def check_weights(weights_dir: Path, model: str, people: str = "single") -> None:
-    """Fail early, in one sentence, on the first missing file (before minutes of loading)."""
+def check_weights(weights_dir: Path, model: str, people: str = "single", *, audio_adapter: bool = True) -> None:
+    """Fail early, in one sentence, on the first missing file (before minutes of loading).
+    ``audio_adapter=False``: a quantized DiT file holds the adapter, its own file is not needed."""
     if not weights_dir.is_dir():
         raise WeightsError(
             f"Weights directory {weights_dir} does not exist; get the weights with "
             f"`{_download_command(weights_dir, model, people)}` (or run `talkgen demo` for the tiny model)."
         )
+    adapter_file, _ = audio_weights_path(weights_dir, model, people)
     for path, weight_set in required_files(weights_dir, model, people):
+        if not audio_adapter and path == adapter_file:
+            continue
         if not path.exists():
             command = _download_command(weights_dir, model, people, weight_set)
             raise WeightsError(f"{path} is missing: it belongs to {weight_set.name} ({weight_set.repo_id}); get it with `{command}`.")
@@ -76,6 +80,7 @@ def load_components(
     people: str = "single",
     device: torch.device,
     dtype: torch.dtype,
+    quant_file: Path | None = None,
     progress: ProgressCallback = no_progress,
 ) -> dict:
     from talkgen.models.audio_encoder import AudioEncoder
@@ -89,13 +94,18 @@ def load_components(
         from talkgen.pipeline.tiny import ensure_tiny_weights
 
         ensure_tiny_weights(weights_dir)
-    check_weights(weights_dir, model, people)
+    check_weights(weights_dir, model, people, audio_adapter=quant_file is None)
     tiny = model == "tiny"
     base = weights_dir / manifest.BASE_DIR
     audio_file, _ = audio_weights_path(weights_dir, model, people)
 
     progress(ProgressEvent("load", 0, 5))
-    dit, _ = load_dit(base, audio_file, dtype=dtype, device=device)
+    if quant_file is not None:
+        from talkgen.weights.quant import load_quantized_dit
+
+        dit, _ = load_quantized_dit(quant_file, base_dir=base, dtype=dtype, device=device)
+    else:
+        dit, _ = load_dit(base, audio_file, dtype=dtype, device=device)
     progress(ProgressEvent("load", 1, 5))
     text_encoder = TextEncoder.from_original(
         base / manifest.T5_FILE, base / manifest.T5_TOKENIZER_DIR,

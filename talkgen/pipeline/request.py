@@ -51,7 +51,12 @@ class GenerationRequest(BaseModel):
     apg_momentum: float = Field(-0.75, ge=-1, le=1)
     apg_norm_threshold: float = Field(55.0, ge=0)
     seed: int = Field(42, ge=-1, le=2**63 - 1, description="negative: a random seed")
-    mode: Literal["clip"] = "clip"
+    mode: Literal["clip", "streaming"] = Field("clip", description="clip: one chunk; streaming: the whole speech")
+    max_frames: int | None = Field(None, ge=1, description="cap on the video length in frames (reference: 1000)")
+    motion_frame: int | None = Field(None, ge=1, le=997, description="context frames per chunk (25 MultiTalk, 9 InfiniteTalk)")
+    color_correction_strength: float = Field(1.0, ge=0, le=1)
+    use_teacache: bool = False
+    teacache_thresh: float = Field(0.2, gt=0, le=10)
 
     @field_validator("frame_num")
     @classmethod
@@ -62,19 +67,30 @@ class GenerationRequest(BaseModel):
     @model_validator(mode="after")
     def _check_people(self) -> GenerationRequest:
         if self.tts_audio:
-            raise ValueError("tts_audio: text-to-speech input is not supported by this version; give cond_audio files")
+            if not isinstance(self.tts_audio.get("text"), str) or not self.tts_audio["text"].strip():
+                raise ValueError("tts_audio.text: give the text to speak")
+            if self.cond_audio:
+                raise ValueError("cond_audio: leave it empty ({}) when tts_audio gives the speech")
+            return self._check_image()
         if not self.cond_audio:
             raise ValueError("cond_audio: give at least {'person1': <speech file>}")
         if "person1" not in self.cond_audio:
             raise ValueError("cond_audio: the first speaker must be named 'person1'")
         if len(self.cond_audio) == 2 and self.audio_type is None:
             raise ValueError("audio_type: two speakers need 'add' (one after the other) or 'para' (together)")
+        return self._check_image()
+
+    def _check_image(self) -> GenerationRequest:
         if self.cond_image is None and self.cond_video is None:
-            raise ValueError("cond_image: give the portrait to animate")
+            raise ValueError("cond_image: give the portrait to animate (or cond_video: a video to dub)")
+        if self.motion_frame is not None and self.motion_frame >= self.frame_num:
+            raise ValueError(f"motion_frame: must be smaller than frame_num ({self.frame_num})")
         return self
 
     @property
     def people(self) -> int:
+        if self.tts_audio:
+            return 2 if "(s2)" in self.tts_audio["text"] else 1
         return len(self.cond_audio)
 
     @property

@@ -1,0 +1,59 @@
+"""Where one DiT forward spends its time: torch.profiler over a compiled forward at full width
+(reduced depth), plus the SDPA backends on the self-attention shape.
+
+    python benchmarks/profile_dit.py --layers 4 --people 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_dit import inputs  # noqa: E402
+from benchmarks.common import cuda_time, median, random_dit  # noqa: E402
+from talkgen.models.dit import DiTConfig  # noqa: E402
+
+
+def sdpa_backends(tokens: int) -> None:
+    q = torch.randn(1, 40, tokens, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    flops = 4 * tokens * tokens * 5120
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        try:
+            with sdpa_kernel(backend):
+                t = median(cuda_time(lambda: F.scaled_dot_product_attention(q, k, v), warmup=2, reps=5))
+            print(f"sdpa {backend.name}: {t * 1e3:.1f} ms, {flops / t / 1e12:.0f} TFLOP/s", flush=True)
+        except RuntimeError as exc:
+            print(f"sdpa {backend.name}: unavailable ({str(exc)[:80]})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--people", type=int, default=1)
+    a = ap.parse_args()
+    sdpa_backends(32928)
+    config = DiTConfig(num_layers=a.layers)
+    model = random_dit(config, torch.bfloat16)
+    for block in model.blocks:
+        block.compile(dynamic=False)
+    cond = inputs(config, 81, 448, 896, a.people, torch.bfloat16)
+    with torch.no_grad():
+        for _ in range(2):
+            model(**cond)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            model(**cond)
+            torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90))
+
+
+if __name__ == "__main__":
+    main()

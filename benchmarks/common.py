@@ -80,3 +80,24 @@ def cuda_time(fn, warmup: int = 1, reps: int = 3) -> list[float]:
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Fill a module built with ``to_empty`` with random weights of a sane scale (timing only)."""
+    generator = torch.Generator(device=next(module.parameters()).device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if param.dim() >= 2:
+                param.normal_(0, param[0].numel() ** -0.5 * 0.5, generator=generator)
+            elif name.endswith("bias"):
+                param.zero_()
+            else:
+                param.fill_(1.0)
+    return module
+
+
+def on_device(build, dtype: torch.dtype, device: str = "cuda") -> torch.nn.Module:
+    """``build()`` on the meta device, allocated on ``device`` in ``dtype``, randomized."""
+    with torch.device("meta"), default_dtype(dtype):
+        module = build()
+    return randomize_(module.to_empty(device=device)).eval()

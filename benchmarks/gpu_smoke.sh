@@ -3,7 +3,7 @@
 # code paths CI cannot run. Wheels for what the GPU image lacks travel in .whl/ (git-ignored).
 set -euo pipefail
 export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl .whl_cli/*.whl
 export PYTHONPATH=/tmp/site:$PWD
 python3 - <<'PY'
 import numpy as np, soundfile as sf
@@ -14,9 +14,9 @@ sf.write("/tmp/s.wav", sample_speech(2.0), 16000)
 sf.write("/tmp/s2.wav", sample_speech(1.0), 16000)
 PY
 python3 -m talkgen.cli generate --weights /tmp/tiny --model tiny --device cuda --image /tmp/p.png --audio /tmp/s.wav \
-  --steps 4 --output "$OUT/tiny_cuda.mp4"
+  --steps 4 --color-strength 0 --output "$OUT/tiny_cuda.mp4"
 python3 -m talkgen.cli generate --weights /tmp/tiny --model tiny --device cuda --image /tmp/p.png --audio /tmp/s.wav \
-  --audio2 /tmp/s2.wav --audio-type add --steps 2 --output "$OUT/tiny_cuda_duo.mp4"
+  --audio2 /tmp/s2.wav --audio-type add --steps 2 --color-strength 0 --output "$OUT/tiny_cuda_duo.mp4"
 python3 - <<'PY'
 import av, os
 for name in ("tiny_cuda.mp4", "tiny_cuda_duo.mp4"):

@@ -116,6 +116,24 @@ def demo(
                   f"({result.duration:.2f} s), tiny random-weight model, seed {result.seed}")
 
 
+def parse_lora(spec: str) -> tuple[str, float]:
+    """``file.safetensors`` or ``file.safetensors:0.8``."""
+    path, _, scale = spec.rpartition(":")
+    try:
+        return path, float(scale)
+    except ValueError:
+        return spec, 1.0
+
+
+def parse_box(spec: str | None) -> list[float] | None:
+    if spec is None:
+        return None
+    try:
+        return [float(v) for v in spec.split(",")]
+    except ValueError:
+        raise TalkgenError(f"--bbox {spec!r}: give four numbers top,left,bottom,right in pixels.") from None
+
+
 @app.command()
 @reports_errors
 def generate(
@@ -125,39 +143,75 @@ def generate(
     model: Annotated[str, typer.Option(help="multitalk | infinitetalk | tiny")] = "multitalk",
     people: Annotated[str, typer.Option(help="InfiniteTalk weights: single | multi")] = "single",
     image: Annotated[Optional[Path], typer.Option(help="portrait (cond_image)")] = None,
+    video: Annotated[Optional[Path], typer.Option(help="video to dub (InfiniteTalk cond_video)")] = None,
     audio: Annotated[Optional[Path], typer.Option(help="speech of person 1")] = None,
     audio2: Annotated[Optional[Path], typer.Option(help="speech of person 2")] = None,
-    audio_type: Annotated[Optional[str], typer.Option(help="two speakers: add | para")] = None,
+    audio_type: Annotated[Optional[str], typer.Option(help="two speakers: add (turns) | para (together)")] = None,
+    bbox1: Annotated[Optional[str], typer.Option(help="person 1's box: top,left,bottom,right (pixels)")] = None,
+    bbox2: Annotated[Optional[str], typer.Option(help="person 2's box: top,left,bottom,right (pixels)")] = None,
+    tts_text: Annotated[Optional[str], typer.Option(help="speak this text instead of --audio ('(s1) ... (s2) ...' for two)")] = None,
+    voice1: Annotated[Optional[str], typer.Option(help="TTS voice of person 1")] = None,
+    voice2: Annotated[Optional[str], typer.Option(help="TTS voice of person 2")] = None,
     prompt: Annotated[Optional[str], typer.Option()] = None,
     negative_prompt: Annotated[Optional[str], typer.Option()] = None,
+    mode: Annotated[Optional[str], typer.Option(help="clip (one chunk, default) | streaming (the whole speech)")] = None,
+    max_frames: Annotated[Optional[int], typer.Option(help="cap on the video length in frames")] = None,
+    motion_frame: Annotated[Optional[int], typer.Option(help="context frames per chunk (25 MultiTalk, 9 InfiniteTalk)")] = None,
     size: Annotated[Optional[int], typer.Option(help="480 | 720 bucket tier")] = None,
-    frame_num: Annotated[Optional[int], typer.Option(help="frames per clip (4n+1), default 81")] = None,
+    frame_num: Annotated[Optional[int], typer.Option(help="frames per chunk (4n+1), default 81")] = None,
     steps: Annotated[Optional[int], typer.Option(help="sampling steps, default 40")] = None,
     shift: Annotated[Optional[float], typer.Option(help="timestep shift, default 7 (480) / 11 (720)")] = None,
     text_scale: Annotated[Optional[float], typer.Option(help="text guidance, default 5 (1 = 2-pass mode)")] = None,
     audio_scale: Annotated[Optional[float], typer.Option(help="audio guidance, default 4")] = None,
     use_apg: Annotated[Optional[bool], typer.Option("--apg/--no-apg")] = None,
+    color_strength: Annotated[Optional[float], typer.Option(help="colour correction 0..1, default 1")] = None,
+    teacache: Annotated[Optional[float], typer.Option(help="TeaCache threshold (e.g. 0.2); off by default")] = None,
+    lora: Annotated[Optional[list[str]], typer.Option(help="LoRA file[:scale], repeatable")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="step-distilled settings: lightx2v (4 steps) | fusionx (8 steps)")] = None,
+    quant_file: Annotated[Optional[Path], typer.Option(help="a quantized DiT file of the reference (int8/fp8)")] = None,
     seed: Annotated[Optional[int], typer.Option(help="default 42; negative = random")] = None,
     device: Annotated[Optional[str], typer.Option(help="cuda | cpu (default: cuda if present)")] = None,
 ) -> None:
-    """Generate a talking video from a portrait and speech."""
+    """Generate a talking video from a portrait (or a video to dub) and speech."""
     from talkgen.pipeline.pipeline import Pipeline
     from talkgen.pipeline.request import GenerationRequest
 
     options = dict(prompt=prompt, negative_prompt=negative_prompt, size=size, frame_num=frame_num, sample_steps=steps,
                    sample_shift=shift, text_guide_scale=text_scale, audio_guide_scale=audio_scale, use_apg=use_apg,
-                   seed=seed, audio_type=audio_type)
+                   seed=seed, audio_type=audio_type, mode=mode, max_frames=max_frames, motion_frame=motion_frame,
+                   color_correction_strength=color_strength)
+    if teacache is not None:
+        options.update(use_teacache=True, teacache_thresh=teacache)
+    if preset is not None:
+        from talkgen.weights.lora import PRESETS
+
+        if preset not in PRESETS:
+            raise TalkgenError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}.")
+        chosen = PRESETS[preset]
+        for key, value in dict(sample_steps=chosen.steps, sample_shift=chosen.shift, text_guide_scale=chosen.text_guide_scale,
+                               audio_guide_scale=chosen.audio_guide_scale).items():
+            options[key] = value if options.get(key) is None else options[key]
     if input_json is not None:
         request = GenerationRequest.from_reference_json(input_json, **options)
     else:
+        values = {k: v for k, v in options.items() if v is not None}
         cond_audio = {"person1": str(audio)} if audio else {}
         if audio2:
             cond_audio["person2"] = str(audio2)
-        values = {k: v for k, v in options.items() if v is not None}
-        request = GenerationRequest.parse(dict(values, cond_image=str(image) if image else None, cond_audio=cond_audio))
+        boxes = {k: v for k, v in (("person1", parse_box(bbox1)), ("person2", parse_box(bbox2))) if v is not None}
+        if boxes:
+            values["bbox"] = boxes
+        if tts_text is not None:
+            values["tts_audio"] = {"text": tts_text, "human1_voice": voice1, "human2_voice": voice2}
+        values.update(cond_image=str(image) if image else None, cond_video=str(video) if video else None,
+                      cond_audio=cond_audio)
+        request = GenerationRequest.parse(values)
     with ProgressBar() as bar:
-        pipe = Pipeline.from_pretrained(weights_dir, model, people=people, device=device, progress=bar)
+        pipe = Pipeline.from_pretrained(weights_dir, model, people=people, device=device, progress=bar,
+                                        loras=[parse_lora(spec) for spec in lora or []], quant_file=quant_file)
         result = pipe.generate(request, output=output, progress=bar)
+    for note in result.notes:
+        console.print(f"note: {note}", soft_wrap=True, highlight=False)
     console.print(f"wrote {result.video_path}: {result.num_frames} frames ({result.duration:.2f} s), seed {result.seed}")
 
 

@@ -113,7 +113,12 @@ def test_missing_weights_name_the_file_and_the_command(inputs: dict, tmp_path: P
 
 
 def test_missing_audio_adapter_file(tiny_weights: Path, inputs: dict, tmp_path: Path) -> None:
-    result, output = run("generate", "--weights", tiny_weights, "--model", "infinitetalk", "--people", "multi",
+    import shutil
+
+    weights = tmp_path / "weights"
+    shutil.copytree(tiny_weights, weights)
+    (weights / "InfiniteTalk" / "multi" / "infinitetalk.safetensors").unlink()
+    result, output = run("generate", "--weights", weights, "--model", "infinitetalk", "--people", "multi",
                          "--image", inputs["image"], "--audio", inputs["audio"], "--output", tmp_path / "x.mp4")
     assert_one_sentence_error(result, output, "infinitetalk.safetensors", "--people multi")
 

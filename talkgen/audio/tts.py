@@ -111,6 +111,9 @@ class _EspeakLibrary:
         return (pcm.astype(np.float32) / 32768.0), self.rate
 
 
+KOKORO_VOICE = re.compile(r"[a-z][fm]_[a-z0-9]+")
+
+
 class EspeakBackend:
     """espeak-ng: the library from the ``espeakng-loader`` wheel, else the ``espeak-ng`` program."""
 
@@ -131,7 +134,7 @@ class EspeakBackend:
             return shutil.which("espeak-ng") is not None
 
     def synthesize(self, text: str, voice: str | None = None) -> tuple[np.ndarray, int]:
-        voice = voice or self.default_voices[0]
+        voice = self.voice_for(voice)
         library = _EspeakLibrary.get() if self.prefer == "library" else None
         if library is not None:
             return library.synthesize(text, voice, self.words_per_minute)
@@ -142,6 +145,16 @@ class EspeakBackend:
                 "or the Debian package (apt-get install espeak-ng)."
             )
         return self._run_program(program, text, voice)
+
+    def voice_for(self, voice: str | None) -> str:
+        """espeak-ng voice for a request's voice. Kokoro names (``af_heart``, ``am_adam``: language,
+        gender, name) map to a US English female or male voice, so the reference's TTS requests
+        still speak where Kokoro's weights are absent."""
+        if not voice:
+            return self.default_voices[0]
+        if KOKORO_VOICE.fullmatch(voice):
+            return self.default_voices[0] if voice[1] == "f" else self.default_voices[1]
+        return voice
 
     def _run_program(self, program: str, text: str, voice: str) -> tuple[np.ndarray, int]:
         import soundfile

@@ -26,6 +26,11 @@ from talkgen.weights.loading import WeightSet
 MODELS = ("multitalk", "infinitetalk", "tiny")
 
 
+def is_tiny(weights_dir: Path) -> bool:
+    """A folder of the built-in tiny model (its encoders have the tiny configs)."""
+    return (Path(weights_dir) / "talkgen-tiny.json").is_file()
+
+
 def audio_weights_path(weights_dir: Path, model: str, people: str = "single") -> tuple[Path, WeightSet]:
     if model in ("multitalk", "tiny"):
         return weights_dir / manifest.MULTITALK_DIR / manifest.MULTITALK_FILE, manifest.MULTITALK
@@ -95,7 +100,7 @@ def load_components(
 
         ensure_tiny_weights(weights_dir)
     check_weights(weights_dir, model, people, audio_adapter=quant_file is None)
-    tiny = model == "tiny"
+    tiny = is_tiny(weights_dir)
     base = weights_dir / manifest.BASE_DIR
     audio_file, _ = audio_weights_path(weights_dir, model, people)
 

@@ -164,7 +164,7 @@ class Pipeline:
         ``loras``: (file, scale) pairs merged into the DiT weights after loading.
         ``quant_file``: one of the reference's quantized DiT files, dequantized at load.
         """
-        from talkgen.pipeline.loading import load_components
+        from talkgen.pipeline.loading import is_tiny, load_components
         from talkgen.runtime.compile import compile_blocks, compile_enabled
 
         device = torch.device(device) if device is not None else default_device()
@@ -177,7 +177,8 @@ class Pipeline:
             merge_loras(components["dit"], [(str(path), scale) for path, scale in loras])
         if compile_enabled(device.type):
             compile_blocks(components["dit"].blocks)
-        return cls(**components, model=model, device=device, bucket_divisor=4 if model == "tiny" else 1)
+        return cls(**components, model="multitalk" if model == "tiny" else model, device=device,
+                   bucket_divisor=4 if is_tiny(Path(weights_dir)) else 1)
 
     # -- stages ------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ has never been trained: its videos are noise-like, not faces.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from talkgen.models.dit import DiTConfig, WanMultiTalkDiT
 from talkgen.weights import manifest
 from talkgen.weights.dit import is_audio_key
 
-TINY_VERSION = 1  # bump when the tiny configs or the init change, so stale folders are rewritten
+TINY_VERSION = 2  # bump when the tiny configs or the init change, so stale folders are rewritten
 SEED = 20250707
 
 
@@ -39,6 +40,11 @@ def ensure_tiny_weights(root: Path) -> Path:
     base = root / manifest.BASE_DIR
     base.mkdir(parents=True, exist_ok=True)
     write_tiny_dit(base, root / manifest.MULTITALK_DIR / manifest.MULTITALK_FILE, DiTConfig.tiny())
+    # The same adapter weights stand in for InfiniteTalk's single and multi files.
+    for people in ("single", "multi"):
+        target = root / manifest.INFINITETALK_DIR / people / manifest.INFINITETALK_FILE
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(root / manifest.MULTITALK_DIR / manifest.MULTITALK_FILE, target)
     write_tiny_text_encoder(base, seed=SEED + 1)
     write_tiny_image_encoder(base / manifest.CLIP_FILE, ImageEncoderConfig.tiny(), seed=SEED + 2)
     write_tiny_vae(base / manifest.VAE_FILE, VAEConfig.tiny(), seed=SEED + 3)

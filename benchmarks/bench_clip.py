@@ -1,0 +1,102 @@
+"""End-to-end clip time with every full-size component (random weights) on one GPU:
+speech -> wav2vec2, prompt -> umT5, portrait -> ViT-H, VAE condition, sampling, VAE decode,
+colour matching, mp4 mux. Run twice; the second run is reported (the first compiles).
+
+    python benchmarks/bench_clip.py --steps 4 --text-scale 1 --audio-scale 2 --shift 2   # lightx2v setting
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import on_device, peak_rss_gib, random_dit, save  # noqa: E402
+
+
+def build_pipeline(people: int):
+    from transformers import AutoTokenizer, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    from talkgen.models import image_encoder as ie
+    from talkgen.models import text_encoder as te
+    from talkgen.models.audio_encoder import AudioEncoder
+    from talkgen.models.dit import DiTConfig
+    from talkgen.models.vae import VAEConfig, VideoVAE
+    from talkgen.pipeline.pipeline import Pipeline
+    from talkgen.runtime.compile import compile_blocks
+
+    dit = random_dit(DiTConfig.wan_i2v_14b(), torch.bfloat16)
+    compile_blocks(dit.blocks)
+    text_config = te.TextEncoderConfig.umt5_xxl()
+    tokenizer_dir = Path(tempfile.mkdtemp()) / "tok"
+    te._write_tiny_tokenizer(tokenizer_dir)  # token ids are all that matter for timing
+    text = te.TextEncoder(on_device(lambda: te.build_model(text_config), torch.bfloat16),
+                          AutoTokenizer.from_pretrained(str(tokenizer_dir)), text_config)
+    image_config = ie.ImageEncoderConfig.vit_h_14()
+    clip_model = on_device(lambda: ie.build_model(image_config), torch.float16)
+    ie.vision_tower(clip_model).embeddings.register_buffer(  # non-persistent: to_empty left it undefined
+        "position_ids", torch.arange(image_config.num_tokens, device="cuda").unsqueeze(0), persistent=False)
+    image = ie.ImageEncoder(clip_model, image_config)
+    vae_config = VAEConfig.wan21()
+    vae = VideoVAE(on_device(vae_config.build, torch.float32), vae_config).to("cuda")
+    audio = AudioEncoder(Wav2Vec2Model(Wav2Vec2Config()).eval(), Wav2Vec2FeatureExtractor(do_normalize=True))
+    return Pipeline(dit, vae, text, image, audio, model="multitalk", device="cuda")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--text-scale", type=float, default=1.0)
+    ap.add_argument("--audio-scale", type=float, default=2.0)
+    ap.add_argument("--shift", type=float, default=2.0)
+    ap.add_argument("--seconds", type=float, default=3.3)
+    a = ap.parse_args()
+
+    import soundfile as sf
+    from PIL import Image
+
+    from talkgen.media.samples import sample_portrait, sample_speech
+    from talkgen.pipeline.request import GenerationRequest
+
+    tmp = Path(tempfile.mkdtemp())
+    Image.fromarray(sample_portrait((720, 1280))).save(tmp / "p.png")  # 16:9 -> the 448x896 bucket
+    sf.write(tmp / "s.wav", sample_speech(a.seconds), 16_000)
+    pipe = build_pipeline(1)
+    request = GenerationRequest.parse(dict(cond_image=str(tmp / "p.png"), cond_audio={"person1": str(tmp / "s.wav")},
+                                           sample_steps=a.steps, text_guide_scale=a.text_scale,
+                                           audio_guide_scale=a.audio_scale, sample_shift=a.shift))
+    stages: dict[str, float] = {}
+    runs = []
+    for run in range(2):
+        torch.cuda.synchronize()
+        last = [time.perf_counter(), "prepare"]
+        stages.clear()
+
+        def progress(event) -> None:
+            torch.cuda.synchronize()
+            now = time.perf_counter()
+            stages[last[1]] = stages.get(last[1], 0.0) + now - last[0]
+            last[0], last[1] = now, event.stage
+
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        result = pipe.generate(request, output=tmp / "clip.mp4", progress=progress)
+        torch.cuda.synchronize()
+        stages[last[1]] = stages.get(last[1], 0.0) + time.perf_counter() - last[0]
+        runs.append(time.perf_counter() - start)
+        print(f"run {run}: {runs[-1]:.2f} s, {result.num_frames} frames", {k: round(v, 2) for k, v in stages.items()}, flush=True)
+    save(f"clip_{a.steps}steps_{'2' if a.text_scale == 1 else '3'}nfe", dict(
+        steps=a.steps, nfe_per_step=2 if a.text_scale == 1 else 3, frames=result.num_frames, size=[448, 896],
+        tokens=32928, clip_s=runs[-1], first_run_s=runs[0], stages_s={k: round(v, 3) for k, v in stages.items()},
+        peak_gpu_gib=torch.cuda.max_memory_allocated() / 2**30, peak_rss_gib=peak_rss_gib(), dtype="bf16",
+    ))
+
+
+if __name__ == "__main__":
+    main()

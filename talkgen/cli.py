@@ -252,6 +252,81 @@ app.command()(reports_errors(download))
 app.command()(reports_errors(verify))
 
 
+def _service_settings(**flags):
+    """The service's settings: TALKGEN_* environment variables, overridden by the flags given."""
+    try:
+        from talkgen.service.settings import Settings
+        import fastapi  # noqa: F401
+    except ImportError as exc:
+        raise TalkgenError(f"The service needs its extra ({exc.name} is missing): "
+                           "pip install 'talkgen[service]' (or TALKGEN_EXTRAS=service,test bash scripts/setup.sh).") from None
+    import logging
+
+    from pydantic import ValidationError
+
+    from talkgen.pipeline.request import describe_validation_error
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return Settings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as exc:  # names the setting (flag or TALKGEN_ variable) and the problem
+        raise TalkgenError(describe_validation_error(exc).replace("Invalid request", "Invalid settings")) from None
+
+
+@app.command()
+@reports_errors
+def serve(
+    host: Annotated[Optional[str], typer.Option(help="address to listen on (default 127.0.0.1; elsewhere needs TALKGEN_API_KEYS)")] = None,
+    port: Annotated[Optional[int], typer.Option(help="default 8000")] = None,
+    model: Annotated[Optional[str], typer.Option(help="tiny | multitalk | infinitetalk (default multitalk)")] = None,
+    weights_dir: Annotated[Optional[Path], typer.Option("--weights", "-w", help="weights directory")] = None,
+    people: Annotated[Optional[str], typer.Option(help="InfiniteTalk weights: single | multi")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cuda | cuda:N | cpu (default: every GPU, else CPU)")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="embedded workers (default one per GPU; 0 = none; not with --redis)")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="job store and local storage")] = None,
+    storage: Annotated[Optional[str], typer.Option(help="a directory or s3://bucket/prefix")] = None,
+    redis: Annotated[Optional[str], typer.Option(help="queue jobs in Redis for `talkgen worker`s instead of running them here")] = None,
+) -> None:
+    """The HTTP API, the web page at /, the job store and the workers, in one process."""
+    settings = _service_settings(host=host, port=port, model=model, weights=weights_dir, people=people, device=device,
+                                 workers=workers, data_dir=data_dir, storage=storage, redis_url=redis)
+    if settings.workers != 0 and not settings.redis_url:
+        settings.weights_dir  # noqa: B018  (says which flag is missing before anything starts)
+    from talkgen.service.api import serve as run_server
+
+    console.print(f"talkgen service on http://{settings.host}:{settings.port}/ (model {settings.model}, "
+                  f"{'Redis queue ' + settings.redis_url if settings.redis_url else 'embedded worker'})")
+    run_server(settings)
+
+
+@app.command()
+@reports_errors
+def worker(
+    redis: Annotated[str, typer.Option(help="Redis URL shared with `talkgen serve --redis`")],
+    model: Annotated[Optional[str], typer.Option(help="tiny | multitalk | infinitetalk")] = None,
+    weights_dir: Annotated[Optional[Path], typer.Option("--weights", "-w", help="weights directory")] = None,
+    people: Annotated[Optional[str], typer.Option(help="InfiniteTalk weights: single | multi")] = None,
+    device: Annotated[Optional[str], typer.Option(help="the GPU set of this worker, e.g. cuda:0 (one job at a time)")] = None,
+    storage: Annotated[Optional[str], typer.Option(help="the server's storage: a shared directory or s3://bucket/prefix")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="where local storage lives when --storage is not given")] = None,
+) -> None:
+    """Take jobs from Redis, one at a time, with the model kept loaded. Run one per GPU set, on any
+    number of machines; SIGTERM hands a running job back to the queue."""
+    import signal
+    import threading
+
+    settings = _service_settings(redis_url=redis, model=model, weights=weights_dir, people=people, device=device,
+                                 storage=storage, data_dir=data_dir)
+    settings.weights_dir  # noqa: B018  (says which flag is missing before anything starts)
+    from talkgen.service.queue import run_redis_worker
+    from talkgen.service.storage import open_storage
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    run_redis_worker(settings, open_storage(settings), stop)
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

@@ -16,4 +16,4 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     "${PIP[@]}" install "torch==${version%%+*}"
   fi
 fi
-"${PIP[@]}" install -e ".[${TALKGEN_EXTRAS:-service,test}]"
+"${PIP[@]}" install -e ".[${TALKGEN_EXTRAS:-service,test,deploy}]"

@@ -16,6 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from talkgen.errors import TalkgenError
@@ -37,7 +38,7 @@ def reports_errors(command):
         try:
             return command(*args, **kwargs)
         except TalkgenError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            console.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             console.print("interrupted")
@@ -45,7 +46,7 @@ def reports_errors(command):
         except Exception as exc:  # a bug: say so plainly
             if os.environ.get("TALKGEN_DEBUG"):
                 raise
-            console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (run with TALKGEN_DEBUG=1 for the traceback)",
+            console.print(Text.assemble(("internal error: ", "bold red"), f"{type(exc).__name__}: {exc} (run with TALKGEN_DEBUG=1 for the traceback)"),
                           highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
@@ -325,6 +326,42 @@ def worker(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     run_redis_worker(settings, open_storage(settings), stop)
+
+
+@app.command("gradio")
+def gradio_ui(
+    model: Annotated[Optional[str], typer.Option(help="tiny | multitalk | infinitetalk (default multitalk)")] = None,
+    weights_dir: Annotated[Optional[Path], typer.Option("--weights", "-w", help="weights directory")] = None,
+    people: Annotated[Optional[str], typer.Option(help="InfiniteTalk weights: single | multi")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cuda | cuda:N | cpu (default: the first GPU, else CPU)")] = None,
+    host: Annotated[str, typer.Option(help="address to listen on (elsewhere than loopback needs TALKGEN_API_KEYS)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port of the Gradio UI")] = 7860,
+) -> None:
+    """An optional Gradio UI calling the same pipeline (needs `pip install 'talkgen[gradio]'`;
+    `talkgen serve` has the built-in page and needs no extra)."""
+    try:
+        import gradio  # noqa: F401
+    except ImportError:  # printed here, without rich markup (which would swallow "[gradio]")
+        console.print("error: The Gradio front end needs its extra: pip install 'talkgen[gradio]' (Gradio pins "
+                      "pillow<13; `talkgen serve` has a built-in web page that needs no extra).", markup=False,
+                      highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    reports_errors(_launch_gradio)(model=model, weights=weights_dir, people=people, device=device, host=host, port=port)
+
+
+def _launch_gradio(host: str, port: int, **flags) -> None:
+    from pydantic import ValidationError
+
+    from talkgen.pipeline.request import describe_validation_error
+    from talkgen.service.gradio_app import launch
+    from talkgen.service.settings import Settings
+
+    try:
+        settings = Settings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as exc:
+        raise TalkgenError(describe_validation_error(exc).replace("Invalid request", "Invalid settings")) from None
+    console.print(f"talkgen Gradio UI on http://{host}:{port}/ (model {settings.model}; loading it first)")
+    launch(settings, host=host, port=port)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -212,8 +212,12 @@ class SelfAttention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         person_masks: torch.Tensor | None = None,
+        parallel=None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns the attention output and, when ``person_masks`` is given, the person map."""
+        """Returns the attention output and, when ``person_masks`` is given, the person map.
+
+        ``parallel`` (a :class:`talkgen.runtime.parallel.ShardPlan`): ``x`` and ``rope`` are this
+        rank's token shard; attention and the person map run over the whole sequence, head-sharded."""
         b, n, _ = x.shape
         cos, sin = (t[:, None] for t in rope)  # [L, 1, D/2]: broadcast over heads
         # RoPE is applied in the [B, L, H, D] layout the projections produce (coalesced writes);
@@ -222,6 +226,9 @@ class SelfAttention(nn.Module):
         k = apply_rope_pairs(self.norm_k(self.k(x)).view(b, n, self.num_heads, -1), cos, sin)
         v = self.v(x).view(b, n, self.num_heads, -1)
         q, k, v = (t.to(x.dtype).transpose(1, 2) for t in (q, k, v))
+        if parallel is not None:
+            out, person_map = parallel.self_attention(q, k, v, person_masks)
+            return self.o(out), person_map
         out = self.o(merge_heads(attention(q, k, v)))
         person_map = None if person_masks is None else compute_person_map(q, k, person_masks)
         return out, person_map
@@ -292,9 +299,13 @@ class AudioCrossAttention(nn.Module):
         audio_tokens: torch.Tensor,
         frames: int,
         person_map: torch.Tensor | None,
+        parallel=None,
     ) -> torch.Tensor:
         """``x``: [B, T*S, C]; ``audio_tokens``: [B, T, people*tokens, audio_dim];
-        ``person_map``: [B, 3, T*S] for two speakers, else None."""
+        ``person_map``: [B, 3, T*S] for two speakers, else None. With ``parallel``, ``x`` is this
+        rank's token shard (the person map stays whole)."""
+        if parallel is not None:
+            return parallel.audio_cross_attention(self, x, audio_tokens, person_map)
         b, n, c = x.shape
         heads = self.num_heads
         # [B, T*S, C] -> [B*T, S, C]: one attention problem per latent frame
@@ -310,17 +321,22 @@ class AudioCrossAttention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, person_map: torch.Tensor, frames: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """L-RoPE: positions for video tokens from the person map, fixed ones for each person's audio."""
-        b = person_map.shape[0]
-        head_dim = q.shape[-1]
         positions = self._token_positions(person_map)  # [B, T*S]
-        cos, sin = rope_1d_angles(positions.reshape(b * frames, 1, -1), head_dim)  # [B*T, 1, S, D/2]
-        q = apply_rope_pairs(q, cos, sin).to(q.dtype)
+        return self._rotate_video(q, positions), self._rotate_audio(k)
+
+    @staticmethod
+    def _rotate_video(q: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``q``: [B*T', H, S', D] (frames of tokens); ``positions``: [B, T'*S'] of those tokens."""
+        cos, sin = rope_1d_angles(positions.reshape(q.shape[0], 1, -1), q.shape[-1])  # [B*T', 1, S', D/2]
+        return apply_rope_pairs(q, cos, sin).to(q.dtype)
+
+    def _rotate_audio(self, k: torch.Tensor) -> torch.Tensor:
+        """Person 1's audio tokens (the first half) at its range's centre, person 2's at its."""
         n_audio = k.shape[2]
         audio_positions = torch.full((n_audio,), sum(self.person2_range) / 2, device=k.device)
         audio_positions[: n_audio // 2] = sum(self.person1_range) / 2
-        cos_k, sin_k = rope_1d_angles(audio_positions, head_dim)
-        k = apply_rope_pairs(k, cos_k, sin_k).to(k.dtype)
-        return q, k
+        cos_k, sin_k = rope_1d_angles(audio_positions, k.shape[-1])
+        return apply_rope_pairs(k, cos_k, sin_k).to(k.dtype)
 
     def _token_positions(self, person_map: torch.Tensor) -> torch.Tensor:
         """Each token takes its strongest class's position; person scores are min-max scaled
@@ -415,14 +431,15 @@ class DiTBlock(nn.Module):
         audio_tokens: torch.Tensor,
         frames: int,
         person_masks: torch.Tensor | None,
+        parallel=None,
     ) -> torch.Tensor:
         dtype = x.dtype
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).chunk(6, dim=1)  # [B,1,C] each
         h = (self.norm1(x).float() * (1 + scale1) + shift1).to(dtype)
-        y, person_map = self.self_attn(h, rope, person_masks)
+        y, person_map = self.self_attn(h, rope, person_masks, parallel)
         x = (x.float() + y.float() * gate1).to(dtype)
         x = x + self.cross_attn(self.norm3(x), text, image)
-        x = x + self.audio_cross_attn(self.norm_x(x), audio_tokens, frames, person_map)
+        x = x + self.audio_cross_attn(self.norm_x(x), audio_tokens, frames, person_map, parallel)
         y = self.ffn((self.norm2(x).float() * (1 + scale2) + shift2).to(dtype))
         return (x.float() + y.float() * gate2).to(dtype)
 
@@ -531,6 +548,7 @@ class WanMultiTalkDiT(nn.Module):
         audio: torch.Tensor,
         ref_target_masks: torch.Tensor | None = None,
         block_runner=None,
+        parallel=None,
     ) -> torch.Tensor:
         """Predict the flow velocity.
 
@@ -539,6 +557,8 @@ class WanMultiTalkDiT(nn.Module):
         clip_fea: image tokens [B, N, image_dim]; audio: [B, people, F, window, layers, channels];
         ref_target_masks: [3, h, w] person/background masks, used only when people == 2.
         ``block_runner`` (optional) replaces the loop over blocks (caching, offload).
+        ``parallel`` (optional, a :class:`talkgen.runtime.parallel.SequenceParallel`): run the blocks
+        sequence-parallel over its process group; every rank gets the whole output.
         Returns [B, 16, T, h, w] in float32.
         """
         grid, tokens = self.patchify(torch.cat([x, y], dim=1))
@@ -557,12 +577,20 @@ class WanMultiTalkDiT(nn.Module):
         rope = _rope_3d_table(grid, self.config.head_dim, self.device)
         kwargs = dict(e0=e0, rope=rope, text=text, image=image, audio_tokens=audio_tokens,
                       frames=grid[0], person_masks=person_masks)
+        plan = None
+        if parallel is not None:  # this rank's token shard; the blocks get the plan
+            plan = parallel.plan(grid, self.config.num_heads)
+            tokens, kwargs["rope"] = plan.shard(tokens), plan.shard_rope(rope)
+            kwargs["parallel"] = plan
         if block_runner is None:
             for block in self.blocks:
                 tokens = block(tokens, **kwargs)
         else:
             tokens = block_runner(self.blocks, tokens, kwargs)
-        return self.unpatchify(self.head(tokens, e), grid)
+        out = self.head(tokens, e)
+        if plan is not None:
+            out = plan.gather(out)
+        return self.unpatchify(out, grid)
 
     def patchify(self, latents: torch.Tensor) -> tuple[tuple[int, int, int], torch.Tensor]:
         """[B, 36, T, h, w] -> grid (T, h/2, w/2) and tokens [B, T*h/2*w/2, C]."""

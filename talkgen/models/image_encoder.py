@@ -26,7 +26,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from talkgen.errors import InputError, WeightsError
-from talkgen.weights.loading import TensorGetter, WeightSet, iter_files, load_streaming, meta_device
+from talkgen.weights.loading import (
+    TensorGetter,
+    WeightSet,
+    iter_files,
+    load_streaming,
+    meta_device,
+    read_config_json,
+    safetensors_files,
+)
+from talkgen.weights.manifest import WAN_I2V_480P_DIFFUSERS
 
 CHECKPOINT_NAME = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
 
@@ -83,6 +92,31 @@ class ImageEncoderConfig:
             eps=float(cfg.get("norm_eps", 1e-5)),
             activation=str(cfg.get("activation", "gelu")),
             out_dim=int(cfg.get("out_dim") or cfg["dim"]),
+        )
+
+    @classmethod
+    def from_hf_config(cls, cfg: Mapping[str, Any]) -> ImageEncoderConfig:
+        """From a transformers ``CLIPVisionConfig`` ``config.json`` (the -Diffusers repo's ``image_encoder/``).
+
+        ``num_hidden_layers`` counts the blocks in the checkpoint (32 for ViT-H/14), as our ``num_layers`` does.
+        A full ``CLIPConfig`` is read through its ``vision_config``.
+        """
+        cfg = cfg.get("vision_config", cfg)
+        preset = cls.vit_h_14()
+        activation = str(cfg.get("hidden_act", preset.activation))
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"unsupported activation {activation!r}")
+        dim = int(cfg.get("hidden_size", preset.dim))
+        return cls(
+            image_size=int(cfg.get("image_size", preset.image_size)),
+            patch_size=int(cfg.get("patch_size", preset.patch_size)),
+            dim=dim,
+            num_heads=int(cfg.get("num_attention_heads", preset.num_heads)),
+            num_layers=int(cfg.get("num_hidden_layers", preset.num_layers)),
+            mlp_ratio=int(cfg.get("intermediate_size", preset.mlp_dim)) / dim,
+            eps=float(cfg.get("layer_norm_eps", preset.eps)),
+            activation=activation,
+            out_dim=int(cfg.get("projection_dim") or preset.out_dim),
         )
 
     @property
@@ -215,6 +249,59 @@ def load_original(
     )
 
 
+def _is_unused_diffusers(key: str, config: ImageEncoderConfig) -> bool:
+    """Keys of a transformers CLIP checkpoint that the image tokens do not depend on: the last block,
+    the post-norm and the projection head (skipped on purpose), a text tower, stale position ids."""
+    last = f"vision_model.encoder.layers.{config.num_layers - 1}."
+    return (
+        key.startswith(last)
+        or key.startswith("vision_model.post_layernorm.")
+        or key.startswith(("visual_projection.", "text_model.", "text_projection."))
+        or key in ("logit_scale", "vision_model.embeddings.position_ids")
+    )
+
+
+def load_diffusers(
+    model: nn.Module,
+    files: list[Path],
+    config: ImageEncoderConfig,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> None:
+    """Stream a transformers ``CLIPVisionModelWithProjection`` checkpoint (``vision_model.*``) into
+    ``model`` (built by :func:`build_model`), strictly; missing tensors are named by their file key."""
+    tower = vision_tower(model)
+    expected_files = ", ".join(str(f) for f in files)
+    present = {key for key, _, _ in iter_files(files)}
+    missing = sorted({f"vision_model.{name}" for name in tower.state_dict()} - present)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise WeightsError(
+            f"Tensor '{missing[0]}'{more} is missing from {expected_files}; {WAN_I2V_480P_DIFFUSERS.advice()}."
+        )
+
+    def rename(key: str) -> str | None:
+        if _is_unused_diffusers(key, config):
+            return None
+        if key.startswith("vision_model."):
+            return key.removeprefix("vision_model.")
+        return f"\0{key}"  # no parameter has this name -> reported as unexpected under its file key
+
+    load_streaming(
+        tower,
+        iter_files(files),
+        weight_set=WAN_I2V_480P_DIFFUSERS,
+        dtype=dtype,
+        device=device,
+        rename=rename,
+        expected_files=expected_files,
+    )
+    tower.embeddings.register_buffer(
+        "position_ids", torch.arange(config.num_tokens, device=device).unsqueeze(0), persistent=False
+    )
+
+
 def _check_present(path: Path, wanted: set[str]) -> None:
     """Name a missing tensor by its key in the released file, which is what a user can check."""
     present = {key for key, _, _ in iter_files([path])}
@@ -290,6 +377,32 @@ class ImageEncoder:
             raise WeightsError(f"Image encoder weights {pth_path} not found; {WEIGHT_SET.advice()}.")
         model = build_model(config)
         load_original(model, pth_path, config, dtype=dtype, device=device)
+        return cls(model, config)
+
+    @classmethod
+    def from_diffusers(
+        cls,
+        folder: str | Path,
+        config: ImageEncoderConfig | None = None,
+        dtype: torch.dtype = torch.float16,
+        device: torch.device | str = "cpu",
+    ) -> ImageEncoder:
+        """Load the ``image_encoder/`` folder of ``Wan-AI/Wan2.1-I2V-14B-480P-Diffusers``.
+
+        transformers' ``CLIPVisionModelWithProjection`` layout: ``config.json`` (the default ``config``;
+        the ViT-H/14 preset without one) and ``model.safetensors`` (or shards with their index). The
+        last block, ``post_layernorm`` and ``visual_projection`` are skipped: the DiT reads the tokens
+        after all but the last block, before any norm.
+        """
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise WeightsError(f"Image encoder folder {folder} not found; {WAN_I2V_480P_DIFFUSERS.advice()}.")
+        if config is None:
+            values = read_config_json(folder / "config.json")
+            config = ImageEncoderConfig.from_hf_config(values) if values else ImageEncoderConfig.vit_h_14()
+        files = safetensors_files(folder, "model", WAN_I2V_480P_DIFFUSERS)
+        model = build_model(config)
+        load_diffusers(model, files, config, dtype=dtype, device=device)
         return cls(model, config)
 
     @property

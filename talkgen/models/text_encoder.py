@@ -28,7 +28,15 @@ import torch
 from torch import nn
 
 from talkgen.errors import WeightsError
-from talkgen.weights.loading import WeightSet, iter_files, load_streaming, meta_device
+from talkgen.weights.loading import (
+    WeightSet,
+    iter_files,
+    load_streaming,
+    meta_device,
+    read_config_json,
+    safetensors_files,
+)
+from talkgen.weights.manifest import WAN_I2V_480P_DIFFUSERS
 
 CHECKPOINT_NAME = "models_t5_umt5-xxl-enc-bf16.pth"
 TOKENIZER_SUBDIR = "google/umt5-xxl"
@@ -81,6 +89,26 @@ class TextEncoderConfig:
             num_heads=int(cfg["num_heads"]),
             num_layers=int(cfg["num_layers"]),
             num_buckets=int(cfg["num_buckets"]),
+        )
+
+    @classmethod
+    def from_hf_config(cls, cfg: Mapping[str, Any]) -> TextEncoderConfig:
+        """From a transformers ``UMT5Config`` ``config.json`` (the -Diffusers repo's ``text_encoder/``)."""
+        if cfg.get("feed_forward_proj", "gated-gelu") not in ("gated-gelu", "gated-gelu_new"):
+            raise ValueError(f"only the gated-gelu feed-forward is supported, got {cfg.get('feed_forward_proj')!r}")
+        preset = cls.umt5_xxl()
+        num_heads = int(cfg.get("num_heads", preset.num_heads))
+        d_kv = int(cfg.get("d_kv", preset.dim_attn // preset.num_heads))
+        return cls(
+            vocab_size=int(cfg.get("vocab_size", preset.vocab_size)),
+            dim=int(cfg.get("d_model", preset.dim)),
+            dim_attn=d_kv * num_heads,
+            dim_ffn=int(cfg.get("d_ff", preset.dim_ffn)),
+            num_heads=num_heads,
+            num_layers=int(cfg.get("num_layers", preset.num_layers)),
+            num_buckets=int(cfg.get("relative_attention_num_buckets", preset.num_buckets)),
+            max_distance=int(cfg.get("relative_attention_max_distance", preset.max_distance)),
+            eps=float(cfg.get("layer_norm_epsilon", preset.eps)),
         )
 
     def to_hf(self, attn_implementation: str = "eager"):  # -> transformers.UMT5Config
@@ -157,6 +185,42 @@ def load_original(
     model.shared = model.encoder.embed_tokens
 
 
+def load_diffusers(
+    model: nn.Module, files: Sequence[Path], *, dtype: torch.dtype, device: torch.device | str
+) -> None:
+    """Stream a transformers ``UMT5EncoderModel`` checkpoint (``shared.weight``, ``encoder.*``) into
+    ``model``, strictly. The tied embedding may be stored as ``shared.weight``,
+    ``encoder.embed_tokens.weight`` or both (the same tensor)."""
+    expected_files = ", ".join(str(f) for f in files)
+    present = {key for key, _, _ in iter_files(files)}
+    embed = {"shared.weight", "encoder.embed_tokens.weight"}
+    wanted = {f"encoder.{name}" for name in model.encoder.state_dict()} - embed
+    missing = sorted(wanted - present) + ([] if present & embed else ["shared.weight"])
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise WeightsError(
+            f"Tensor '{missing[0]}'{more} is missing from {expected_files}; {WAN_I2V_480P_DIFFUSERS.advice()}."
+        )
+
+    def rename(key: str) -> str | None:
+        if key == "shared.weight":
+            return None if "encoder.embed_tokens.weight" in present else "embed_tokens.weight"
+        if key.startswith("encoder."):
+            return key.removeprefix("encoder.")
+        return f"\0{key}"  # no parameter has this name -> reported as unexpected under its file key
+
+    load_streaming(
+        model.encoder,
+        iter_files(files),
+        weight_set=WAN_I2V_480P_DIFFUSERS,
+        dtype=dtype,
+        device=device,
+        rename=rename,
+        expected_files=expected_files,
+    )
+    model.shared = model.encoder.embed_tokens
+
+
 def _check_present(path: Path, key_map: Mapping[str, str]) -> None:
     """Name a missing tensor by its key in the released file, which is what a user can check."""
     present = {key for key, _, _ in iter_files([path])}
@@ -214,14 +278,45 @@ class TextEncoder:
         if not pth_path.is_file():
             raise WeightsError(f"Text encoder weights {pth_path} not found; {WEIGHT_SET.advice()}.")
         tokenizer = _load_tokenizer(Path(tokenizer_dir)) if tokenizer_dir is not None else None
-        if tokenizer is not None and len(tokenizer) > config.vocab_size:
-            raise WeightsError(
-                f"The tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens but the text encoder only "
-                f"{config.vocab_size}: tokenizer and weights come from different models; {WEIGHT_SET.advice()}."
-            )
+        if tokenizer is not None:
+            _check_vocab(tokenizer, config, tokenizer_dir, WEIGHT_SET)
         model = build_model(config)
         load_original(model, pth_path, config, dtype=dtype, device=device)
         return cls(model, tokenizer, config)
+
+    @classmethod
+    def from_diffusers(
+        cls,
+        folder: str | Path,
+        config: TextEncoderConfig | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str = "cpu",
+        *,
+        tokenizer_dir: str | Path | None = None,
+        tokenizer: bool = True,
+    ) -> TextEncoder:
+        """Load the ``text_encoder/`` folder of ``Wan-AI/Wan2.1-I2V-14B-480P-Diffusers``.
+
+        transformers' ``UMT5EncoderModel`` layout: ``config.json`` (the default ``config``; the umT5-XXL
+        preset without one) and ``model.safetensors`` or shards with their index. The tokenizer is the
+        sibling ``tokenizer/`` folder unless ``tokenizer_dir`` names another; ``tokenizer=False`` loads
+        none (only :meth:`encode_ids` works then).
+        """
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise WeightsError(f"Text encoder folder {folder} not found; {WAN_I2V_480P_DIFFUSERS.advice()}.")
+        if config is None:
+            values = read_config_json(folder / "config.json")
+            config = TextEncoderConfig.from_hf_config(values) if values else TextEncoderConfig.umt5_xxl()
+        files = safetensors_files(folder, "model", WAN_I2V_480P_DIFFUSERS)
+        loaded_tokenizer = None
+        if tokenizer:
+            tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else folder.parent / "tokenizer"
+            loaded_tokenizer = _load_tokenizer(tokenizer_dir, WAN_I2V_480P_DIFFUSERS)
+            _check_vocab(loaded_tokenizer, config, tokenizer_dir, WAN_I2V_480P_DIFFUSERS)
+        model = build_model(config)
+        load_diffusers(model, files, dtype=dtype, device=device)
+        return cls(model, loaded_tokenizer, config)
 
     @property
     def device(self) -> torch.device:
@@ -262,15 +357,23 @@ class TextEncoder:
         return [row[:n] for row, n in zip(out, lengths)]
 
 
-def _load_tokenizer(tokenizer_dir: Path) -> Any:
+def _load_tokenizer(tokenizer_dir: Path, weight_set: WeightSet = WEIGHT_SET) -> Any:
     from transformers import AutoTokenizer
 
     if not tokenizer_dir.is_dir():
-        raise WeightsError(f"Tokenizer folder {tokenizer_dir} not found; {WEIGHT_SET.advice()}.")
+        raise WeightsError(f"Tokenizer folder {tokenizer_dir} not found; {weight_set.advice()}.")
     try:
         return AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise WeightsError(f"Tokenizer folder {tokenizer_dir} is incomplete ({exc}); {WEIGHT_SET.advice()}.") from exc
+        raise WeightsError(f"Tokenizer folder {tokenizer_dir} is incomplete ({exc}); {weight_set.advice()}.") from exc
+
+
+def _check_vocab(tokenizer: Any, config: TextEncoderConfig, tokenizer_dir: Any, weight_set: WeightSet) -> None:
+    if len(tokenizer) > config.vocab_size:
+        raise WeightsError(
+            f"The tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens but the text encoder only "
+            f"{config.vocab_size}: tokenizer and weights come from different models; {weight_set.advice()}."
+        )
 
 
 # ---------------------------------------------------------------------------------------------

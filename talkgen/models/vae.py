@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from talkgen.errors import InputError, WeightsError
-from talkgen.weights.loading import iter_files, load_streaming, meta_device
-from talkgen.weights.manifest import WAN_I2V_480P
+from talkgen.weights.loading import iter_files, load_streaming, meta_device, read_config_json, safetensors_files
+from talkgen.weights.manifest import WAN_I2V_480P, WAN_I2V_480P_DIFFUSERS
 
 # The per-channel statistics of the Wan2.1 latent space (reference ``WanVAE.__init__``).
 LATENTS_MEAN: tuple[float, ...] = (
@@ -71,6 +71,24 @@ class VAEConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names}
         return cls(**kwargs)
+
+    @classmethod
+    def from_diffusers_config(cls, values: Mapping[str, Any]) -> VAEConfig:
+        """From an ``AutoencoderKLWan`` ``config.json`` (the ``vae/`` folder of a -Diffusers repo).
+
+        Keys it lacks keep the released Wan2.1 values; ``base_dim`` is our ``dim``.
+        """
+        defaults = cls.wan21()
+        get = lambda key, default: values.get(key, default) if values.get(key) is not None else default  # noqa: E731
+        return cls(
+            dim=int(get("base_dim", defaults.dim)),
+            z_dim=int(get("z_dim", defaults.z_dim)),
+            dim_mult=tuple(int(v) for v in get("dim_mult", defaults.dim_mult)),
+            num_res_blocks=int(get("num_res_blocks", defaults.num_res_blocks)),
+            attn_scales=tuple(float(v) for v in get("attn_scales", defaults.attn_scales)),
+            temperal_downsample=tuple(bool(v) for v in get("temperal_downsample", defaults.temperal_downsample)),
+            dropout=float(get("dropout", defaults.dropout)),
+        )
 
     def build(self) -> nn.Module:
         """An ``AutoencoderKLWan`` of this shape (on the current default device: use meta to load)."""
@@ -211,14 +229,66 @@ class VideoVAE(nn.Module):
             rename=rename.get,
             expected_files=str(path),
         )
+        return cls._finish(model, config, device)
+
+    @classmethod
+    def _finish(
+        cls,
+        model: nn.Module,
+        config: VAEConfig,
+        device: torch.device | str,
+        latents_mean: Iterable[float] | None = None,
+        latents_std: Iterable[float] | None = None,
+    ) -> VideoVAE:
         model.eval().requires_grad_(False)
         if torch.device(device).type == "cpu":
             use_frame_conv3d(model)
         vae = cls(model, config)
+        if latents_mean is not None and latents_std is not None:
+            vae.latents_mean = torch.tensor(list(latents_mean), dtype=torch.float32)
+            vae.latents_std = torch.tensor(list(latents_std), dtype=torch.float32)
         # The constants stay float32 whatever the run dtype: they are applied to the float32 latent.
         vae.latents_mean = vae.latents_mean.to(device)
         vae.latents_std = vae.latents_std.to(device)
         return vae
+
+    @classmethod
+    def from_diffusers(
+        cls,
+        folder: str | Path,
+        config: VAEConfig | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> VideoVAE:
+        """Stream the ``vae/`` folder of ``Wan-AI/Wan2.1-I2V-14B-480P-Diffusers`` (diffusers names).
+
+        ``config``: by default from the folder's ``config.json`` (:meth:`VAEConfig.from_diffusers_config`),
+        the Wan2.1 preset when there is none. The latent constants come from ``config.json`` when it
+        has them (the -Diffusers repo stores the same 16 + 16 values).
+        """
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise WeightsError(f"VAE folder {folder} not found; {WAN_I2V_480P_DIFFUSERS.advice()}.")
+        values = read_config_json(folder / "config.json")
+        config = config or (VAEConfig.from_diffusers_config(values) if values else VAEConfig.wan21())
+        files = safetensors_files(folder, "diffusion_pytorch_model", WAN_I2V_480P_DIFFUSERS)
+        with meta_device():
+            model = config.build()
+        load_streaming(
+            model,
+            iter_files(files),
+            weight_set=WAN_I2V_480P_DIFFUSERS,
+            dtype=dtype,
+            device=device,
+            expected_files=", ".join(str(f) for f in files),
+        )
+        mean, std = values.get("latents_mean"), values.get("latents_std")
+        if mean is not None and std is not None and (len(mean) != config.z_dim or len(std) != config.z_dim):
+            raise WeightsError(
+                f"{folder / 'config.json'} has {len(mean)} latents_mean / {len(std)} latents_std values for "
+                f"z_dim {config.z_dim}; {WAN_I2V_480P_DIFFUSERS.advice()}."
+            )
+        return cls._finish(model, config, device, mean, std)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -12,6 +12,7 @@ the file it came from (or should have come from) and the weight set to download.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,3 +167,38 @@ def meta_device() -> Iterator[None]:
     """Build modules without allocating memory (parameters live on the meta device)."""
     with torch.device("meta"):
         yield
+
+
+def read_config_json(path: Path) -> dict:
+    """A folder's ``config.json`` as a dict, ``{}`` when there is none."""
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise WeightsError(f"{path} is not valid JSON ({exc}); download it again.") from exc
+
+
+def safetensors_files(folder: Path, stem: str, weight_set: WeightSet) -> list[Path]:
+    """The safetensors files of a transformers/diffusers folder: its index's shards, else ``stem.safetensors``,
+    else every ``stem*.safetensors``."""
+    folder = Path(folder)
+    index = folder / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+        except ValueError as exc:
+            raise WeightsError(f"{index} is not valid JSON ({exc}); {weight_set.advice()}.") from exc
+        files = sorted({folder / name for name in weight_map.values()})
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise WeightsError(f"{missing[0].name} is listed in {index} but is missing; {weight_set.advice()}.")
+        if files:
+            return files
+    single = folder / f"{stem}.safetensors"
+    if single.is_file():
+        return [single]
+    files = sorted(folder.glob(f"{stem}*.safetensors"))
+    if not files:
+        raise WeightsError(f"No weights ({stem}.safetensors) in {folder}; {weight_set.advice()}.")
+    return files

@@ -10,6 +10,7 @@ presigned URLs, so the video bytes never pass through the API server.
 from __future__ import annotations
 
 import shutil
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote, urlparse
@@ -18,18 +19,20 @@ from talkgen.errors import InputError, ResourceError
 from talkgen.service.settings import Settings
 
 
-class Storage:
+class Storage(ABC):
     """The interface both backends implement."""
 
+    @abstractmethod
     def put_file(self, key: str, path: Path, content_type: str | None = None) -> str:
         """Store a local file under ``key``; returns its URI."""
-        raise NotImplementedError
 
+    @abstractmethod
     def put_stream(self, key: str, stream: BinaryIO, content_type: str | None = None) -> str:
-        raise NotImplementedError
+        """Store a stream under ``key``; returns its URI."""
 
+    @abstractmethod
     def uri(self, key: str) -> str:
-        raise NotImplementedError
+        """The URI ``key`` has in this storage."""
 
     # The URI-based operations work for any URI the settings can reach (a local storage server
     # can still read s3:// inputs when S3 credentials are configured).

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -478,7 +477,7 @@ class Pipeline:
                     partial = Path(output).with_name(f".{Path(output).name}.partial.mp4")
                     partial.parent.mkdir(parents=True, exist_ok=True)
                     height, width = chunk.frames.shape[1:3]
-                    soundtrack = inputs.soundtrack_for(chunk.total_frames, chunk.first_frame)
+                    soundtrack = inputs.soundtrack_from(chunk.first_frame)
                     writer = Mp4Writer(partial, width, height, soundtrack, inputs.soundtrack_rate, fps=FPS)
                 if writer is not None:
                     progress(ProgressEvent("write", chunk=chunk.index))
@@ -513,7 +512,7 @@ class Pipeline:
 
     def prepare(self, request: GenerationRequest, progress: ProgressCallback = no_progress) -> PreparedInputs:
         """Read and check every input of a request before any model runs."""
-        from talkgen.media.image import choose_bucket, load_image, person_masks, resize_and_center_crop
+        from talkgen.media.image import choose_bucket, load_image, person_masks
 
         path = request.condition_path
         if path.suffix.lower() in VIDEO_SUFFIXES:
@@ -541,7 +540,7 @@ class PreparedInputs:
     soundtrack_rate: int
     speech_name: str
 
-    def soundtrack_for(self, total_frames: int, first_frame: int) -> np.ndarray:
+    def soundtrack_from(self, first_frame: int) -> np.ndarray:
         """The soundtrack from the video's ``first_frame`` on (a resumed stream starts later)."""
         start = round(first_frame * self.soundtrack_rate / FPS)
         return self.soundtrack[start:]

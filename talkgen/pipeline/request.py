@@ -57,6 +57,7 @@ class GenerationRequest(BaseModel):
     color_correction_strength: float = Field(1.0, ge=0, le=1)
     use_teacache: bool = False
     teacache_thresh: float = Field(0.2, gt=0, le=10)
+    scene_seg: bool = Field(False, description="video dubbing: split the video into shots (PySceneDetect) and dub each on its own")
 
     @field_validator("frame_num")
     @classmethod
@@ -83,6 +84,9 @@ class GenerationRequest(BaseModel):
     def _check_image(self) -> GenerationRequest:
         if self.cond_image is None and self.cond_video is None:
             raise ValueError("cond_image: give the portrait to animate (or cond_video: a video to dub)")
+        if self.scene_seg and (self.cond_video is None or self.cond_image is not None):
+            raise ValueError("scene_seg: splits a video into shots; give the video to dub as cond_video "
+                             "(not a cond_image), or leave scene_seg off")
         if self.motion_frame is not None and self.motion_frame >= self.frame_num:
             raise ValueError(f"motion_frame: must be smaller than frame_num ({self.frame_num})")
         return self

@@ -1,0 +1,95 @@
+"""GPU check of the Triton attention kernels (the TMA / Hopper path that CPU tests cannot run).
+
+Odd lengths (tails of every block size), batch 1-3, the DiT's [B, L, H, D] layout and plain
+[B, H, L, D], bf16 and fp16: the bf16 kernel within 1.5x SDPA's error against float32 (plus 1e-3),
+the 8-bit kernel within 3e-2 (with e4m3 P and V: 3.5e-2 on DiT-like inputs, 8e-2 on noise);
+every output element written (the output buffer is poisoned with NaN first); and ``talkgen.models.attention.attention`` under ``torch.compile(fullgraph=True)`` through
+the custom op. Exits non-zero on a failure. Run on the GPU machine:
+
+    python benchmarks/check_attention.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_attention import make_qkv, reference, rel_err  # noqa: E402
+from talkgen.kernels import attention_triton as kernels  # noqa: E402
+
+
+def main() -> int:
+    failures = []
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):  # every buffer the kernels allocate starts as NaN
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point() and t.element_size() >= 2:
+            t.fill_(float("nan"))
+        return t
+
+    cases = [(1, 3, 4096 + 77, torch.bfloat16, "blhd"), (2, 2, 5000, torch.float16, "blhd"),
+             (3, 2, 4133, torch.bfloat16, "bhld"), (1, 2, 32928, torch.bfloat16, "blhd"),
+             (1, 1, 300, torch.bfloat16, "bhld")]
+    for B, H, L, dtype, layout in cases:
+        for kind in ("gaussian", "dit"):
+            q, k, v = make_qkv(kind, B, H, L, 128, seed=L + B, dtype=dtype)
+            if layout == "bhld":
+                q, k, v = (t.contiguous() for t in (q, k, v))
+            ref = reference(q, k, v)
+            e_sdpa = rel_err(F.scaled_dot_product_attention(q, k, v), ref)
+            torch.empty = poisoned_empty
+            try:
+                results = {"bf16": kernels.attention_bf16(q, k, v),
+                           "bf16-ldst": kernels.attention_bf16(q, k, v, kernels.BF16_CONFIG.portable()),
+                           "fp8": kernels.attention_fp8(q, k, v),
+                           "fp8-ldst": kernels.attention_fp8(q, k, v, kernels.FP8_CONFIG.portable()),
+                           "fp8fast": kernels.attention_fp8(q, k, v, kernels.FP8_FAST_CONFIG),
+                           "fp8fast-ldst": kernels.attention_fp8(q, k, v, kernels.FP8_FAST_CONFIG.portable())}
+            finally:
+                torch.empty = real_empty
+            for name, out in results.items():
+                err = rel_err(out, ref)
+                limit = (1.5 * e_sdpa + 1e-3 if name.startswith("bf16") else 3e-2 if not name.startswith("fp8fast")
+                         else 3.5e-2 if kind == "dit" else 8e-2)  # e4m3 P and V: see attention_triton
+                ok = err <= limit  # NaN (an unwritten element) fails too
+                print(f"{'ok  ' if ok else 'FAIL'} B{B} H{H} L{L} {str(dtype)[6:]} {layout} {kind:8s} {name:12s} "
+                      f"err {err:.2e} (SDPA {e_sdpa:.2e}, limit {limit:.1e})", flush=True)
+                if not ok:
+                    failures.append((B, H, L, kind, name, err))
+
+    # the DiT's entry point under torch.compile: the custom op keeps the graph whole
+    from talkgen.models import attention as attn
+
+    q, k, v = make_qkv("dit", 1, 4, 8192, 128, seed=7)
+    ref = reference(q, k, v)
+    for setting in ("triton", "triton-fp8", "triton-fp8-fast"):
+        os.environ["TALKGEN_ATTENTION"] = setting
+        torch._dynamo.reset()
+
+        def block(q, k, v):
+            return attn.attention(q * 1.0, k, v).transpose(1, 2).reshape(1, 8192, -1) + 1.0
+
+        compiled = torch.compile(block, fullgraph=True)
+        out = compiled(q, k, v)
+        eager = block(q, k, v)
+        err = rel_err((out - 1.0).view(1, 8192, 4, 128).transpose(1, 2), ref)
+        same = (out - eager).abs().max().item()
+        ok = err <= {"triton": 1e-2, "triton-fp8": 3e-2, "triton-fp8-fast": 3.5e-2}[setting] and same <= 1e-2
+        print(f"{'ok  ' if ok else 'FAIL'} torch.compile fullgraph, {setting}: err {err:.2e}, "
+              f"|compiled - eager| {same:.1e}")
+        if not ok:
+            failures.append(("compile", setting, err, same))
+    os.environ.pop("TALKGEN_ATTENTION")
+    print("FAILED:", failures if failures else "none")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import on_device, peak_rss_gib, random_dit, save  # noqa: E402
 
 
-def build_pipeline(people: int):
+def build_pipeline(people: int, fp8: bool = False):
     from transformers import AutoTokenizer, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
     from talkgen.models import image_encoder as ie
@@ -32,6 +32,11 @@ def build_pipeline(people: int):
     from talkgen.runtime.compile import compile_blocks
 
     dit = random_dit(DiTConfig.wan_i2v_14b(), torch.bfloat16)
+    if fp8:  # torchao dynamic fp8, per-row scales, on every block linear (talkgen.runtime.fp8)
+        from talkgen.runtime.fp8 import quantize_fp8
+
+        for block in dit.blocks:
+            quantize_fp8(block)
     compile_blocks(dit.blocks)
     text_config = te.TextEncoderConfig.umt5_xxl()
     tokenizer_dir = Path(tempfile.mkdtemp()) / "tok"
@@ -56,6 +61,7 @@ def main() -> None:
     ap.add_argument("--audio-scale", type=float, default=2.0)
     ap.add_argument("--shift", type=float, default=2.0)
     ap.add_argument("--seconds", type=float, default=3.3)
+    ap.add_argument("--fp8", action="store_true", help="DiT block linears in fp8 (needs torchao, sm89+)")
     a = ap.parse_args()
 
     import soundfile as sf
@@ -67,7 +73,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     Image.fromarray(sample_portrait((720, 1280))).save(tmp / "p.png")  # 16:9 -> the 448x896 bucket
     sf.write(tmp / "s.wav", sample_speech(a.seconds), 16_000)
-    pipe = build_pipeline(1)
+    pipe = build_pipeline(1, fp8=a.fp8)
     request = GenerationRequest.parse(dict(cond_image=str(tmp / "p.png"), cond_audio={"person1": str(tmp / "s.wav")},
                                            sample_steps=a.steps, text_guide_scale=a.text_scale,
                                            audio_guide_scale=a.audio_scale, sample_shift=a.shift))
@@ -91,10 +97,10 @@ def main() -> None:
         stages[last[1]] = stages.get(last[1], 0.0) + time.perf_counter() - last[0]
         runs.append(time.perf_counter() - start)
         print(f"run {run}: {runs[-1]:.2f} s, {result.num_frames} frames", {k: round(v, 2) for k, v in stages.items()}, flush=True)
-    save(f"clip_{a.steps}steps_{'2' if a.text_scale == 1 else '3'}nfe", dict(
+    save(f"clip_{a.steps}steps_{'2' if a.text_scale == 1 else '3'}nfe{'_fp8' if a.fp8 else ''}", dict(fp8=a.fp8,
         steps=a.steps, nfe_per_step=2 if a.text_scale == 1 else 3, frames=result.num_frames, size=[448, 896],
         tokens=32928, clip_s=runs[-1], first_run_s=runs[0], stages_s={k: round(v, 3) for k, v in stages.items()},
-        peak_gpu_gib=torch.cuda.max_memory_allocated() / 2**30, peak_rss_gib=peak_rss_gib(), dtype="bf16",
+        peak_gpu_gib=torch.cuda.max_memory_allocated() / 2**30, peak_rss_gib=peak_rss_gib(), dtype="fp8" if a.fp8 else "bf16",
     ))
 
 

@@ -16,6 +16,7 @@ Shapes: video ``[3, F, H, W]`` in [-1, 1] <-> latent ``[16, T, H/8, W/8]`` with 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -204,6 +205,8 @@ class VideoVAE(nn.Module):
         self.config = config
         self.register_buffer("latents_mean", torch.tensor(LATENTS_MEAN), persistent=False)
         self.register_buffer("latents_std", torch.tensor(LATENTS_STD), persistent=False)
+        self.tile_decode = False  # see set_tiling
+        self.tile_encode = False
 
     @classmethod
     def from_original(
@@ -298,6 +301,28 @@ class VideoVAE(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def set_tiling(self, decode: bool = True, encode: bool = False, tile: int = 256, stride: int = 192) -> None:
+        """Run the decoder (and, with ``encode``, the encoder) on overlapping spatial tiles of
+        ``tile`` px every ``stride`` px (diffusers' tiling), on frames larger than one tile.
+
+        The activations then scale with the tile instead of the frame: the low-memory tiers
+        decode this way (:mod:`talkgen.runtime.memory`). Tiles are blended over ``tile - stride``
+        px, so pixels differ a little from the untiled decode; the encoder is left untiled by
+        default, so the condition latents stay exact.
+        """
+        self.tile_decode, self.tile_encode = bool(decode), bool(encode)
+        self.model.tile_sample_min_height = self.model.tile_sample_min_width = int(tile)
+        self.model.tile_sample_stride_height = self.model.tile_sample_stride_width = int(stride)
+
+    @contextlib.contextmanager
+    def _tiled(self, enabled: bool):
+        previous = self.model.use_tiling
+        self.model.use_tiling = enabled
+        try:
+            yield
+        finally:
+            self.model.use_tiling = previous
+
     def _channel(self, values: torch.Tensor) -> torch.Tensor:
         return values.view(self.config.z_dim, 1, 1, 1)  # broadcast over [C, T, h, w]
 
@@ -309,7 +334,8 @@ class VideoVAE(nn.Module):
         """
         _check_video(video)
         x = video.to(device=self.device, dtype=self.dtype).unsqueeze(0)
-        mu = self.model.encode(x).latent_dist.mean[0].float()
+        with self._tiled(self.tile_encode):
+            mu = self.model.encode(x).latent_dist.mean[0].float()
         # The reference multiplies by 1/std rather than dividing; same here for bitwise parity.
         return (mu - self._channel(self.latents_mean)) * self._channel(1.0 / self.latents_std)
 
@@ -319,7 +345,8 @@ class VideoVAE(nn.Module):
 
         Decoding is causal and runs one latent frame at a time through diffusers' feature cache,
         so activation memory does not grow with the clip length (only the output does).
-        Spatial tiling is left off: it blends tiles and would change the pixels.
+        Spatial tiling is off unless :meth:`set_tiling` turned it on (it blends tiles, which
+        changes the pixels slightly).
         """
         if latent.dim() != 4 or latent.shape[0] != self.config.z_dim:
             raise InputError(
@@ -328,7 +355,8 @@ class VideoVAE(nn.Module):
             )
         z = latent.to(device=self.device, dtype=torch.float32)
         z = z / self._channel(1.0 / self.latents_std) + self._channel(self.latents_mean)
-        out = self.model.decode(z.to(self.dtype).unsqueeze(0)).sample[0]
+        with self._tiled(self.tile_decode):
+            out = self.model.decode(z.to(self.dtype).unsqueeze(0)).sample[0]
         return out.float().clamp_(-1.0, 1.0)
 
 

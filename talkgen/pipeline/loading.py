@@ -149,7 +149,16 @@ def load_components(
     dtype: torch.dtype,
     quant_file: Path | None = None,
     progress: ProgressCallback = no_progress,
+    dit_device: torch.device | None = None,
+    encoder_device: torch.device | None = None,
 ) -> dict:
+    """Every component of ``weights_dir``, on ``device`` in ``dtype`` (the VAE and wav2vec2 in float32).
+
+    ``dit_device`` / ``encoder_device`` (default ``device``): where the DiT / the text encoder, image
+    encoder and VAE are loaded when a memory tier keeps them elsewhere between uses (the CPU, from
+    where :mod:`talkgen.runtime.memory` moves them into pinned memory); the dtypes stay those of
+    ``device``.
+    """
     from talkgen.models.audio_encoder import AudioEncoder
     from talkgen.models.image_encoder import ImageEncoder, ImageEncoderConfig
     from talkgen.models.text_encoder import TextEncoder, TextEncoderConfig
@@ -167,6 +176,8 @@ def load_components(
     diffusers = weights_dir / manifest.BASE_DIFFUSERS_DIR
     from_diffusers = base_layout(weights_dir) == "diffusers"
     audio_file, _ = audio_weights_path(weights_dir, model, people)
+    compute_device = device
+    dit_device = dit_device or device
 
     progress(ProgressEvent("load", 0, 5))
     dit_config = None
@@ -175,15 +186,16 @@ def load_components(
     if quant_file is not None:
         from talkgen.weights.quant import load_quantized_dit
 
-        dit, _ = load_quantized_dit(quant_file, config=dit_config, base_dir=base, dtype=dtype, device=device)
+        dit, _ = load_quantized_dit(quant_file, config=dit_config, base_dir=base, dtype=dtype, device=dit_device)
     elif dit_config is not None:
-        dit, _ = load_dit(diffusers / "transformer", audio_file, config=dit_config, dtype=dtype, device=device,
+        dit, _ = load_dit(diffusers / "transformer", audio_file, config=dit_config, dtype=dtype, device=dit_device,
                           layout="diffusers")
     else:
-        dit, _ = load_dit(base, audio_file, dtype=dtype, device=device)
+        dit, _ = load_dit(base, audio_file, dtype=dtype, device=dit_device)
     progress(ProgressEvent("load", 1, 5))
     # The reference runs the image encoder in float16 on the GPU; its tokens are cast to the DiT's dtype.
-    clip_dtype = torch.float16 if device.type == "cuda" else torch.float32
+    clip_dtype = torch.float16 if compute_device.type == "cuda" else torch.float32
+    device = encoder_device or device
     if from_diffusers:
         # Each folder's config.json gives its shape (the tiny model's as well).
         text_encoder = TextEncoder.from_diffusers(diffusers / "text_encoder", dtype=dtype, device=device)

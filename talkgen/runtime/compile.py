@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 from torch import nn
 
 
@@ -16,7 +17,15 @@ def compile_enabled(device_type: str) -> bool:
     return device_type == "cuda"
 
 
-def compile_blocks(blocks: nn.ModuleList) -> None:
-    """Compile each block in place; identical blocks share the compiled code."""
+def compile_blocks(blocks: nn.ModuleList, *, forward_only: bool = False, backend: str = "inductor") -> None:
+    """Compile each block in place; identical blocks share the compiled code.
+
+    ``forward_only``: compile ``block.forward`` rather than the whole call, so the module's
+    forward hooks (the streamed blocks' weight movement, :mod:`talkgen.runtime.offload`) run
+    outside the compiled region.
+    """
     for block in blocks:
-        block.compile(dynamic=False)
+        if forward_only:
+            block.forward = torch.compile(block.forward, dynamic=False, backend=backend)
+        else:
+            block.compile(dynamic=False, backend=backend)

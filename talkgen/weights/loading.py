@@ -55,15 +55,7 @@ def iter_checkpoint(path: Path) -> Iterator[tuple[str, TensorGetter]]:
     if not path.is_file():
         raise WeightsError(f"Weight file {path} does not exist.")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            handle = safe_open(str(path), framework="pt", device="cpu")
-        except Exception as exc:  # a truncated or foreign file
-            raise WeightsError(f"{path} is not a readable safetensors file ({exc}); download it again.") from exc
-        with handle as f:
-            for key in f.keys():
-                yield key, (lambda f=f, key=key: f.get_tensor(key))
+        yield from iter_safetensors(path)
         return
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -79,6 +71,61 @@ def iter_checkpoint(path: Path) -> Iterator[tuple[str, TensorGetter]]:
     for key, value in state.items():
         if isinstance(value, torch.Tensor):
             yield key, (lambda value=value: value)
+
+
+# safetensors dtype names -> torch dtypes (the format's own table; F8 names as torch spells them).
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
+    """The header of a safetensors file (``{key: {dtype, shape, data_offsets}}``) and where its data starts."""
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if length <= 0 or 8 + length > size:
+                raise ValueError(f"header length {length} does not fit a {size}-byte file")
+            header = json.loads(f.read(length))
+    except (OSError, ValueError) as exc:  # a truncated or foreign file
+        raise WeightsError(f"{path} is not a readable safetensors file ({exc}); download it again.") from exc
+    header.pop("__metadata__", None)
+    start = 8 + length
+    for key, entry in header.items():
+        begin, end = entry.get("data_offsets", (0, -1))
+        if entry.get("dtype") not in _SAFETENSORS_DTYPES or start + end > size or end < begin:
+            raise WeightsError(f"{path}: tensor '{key}' is truncated or of an unknown dtype; download the file again.")
+    return header, start
+
+
+def iter_safetensors(path: Path) -> Iterator[tuple[str, TensorGetter]]:
+    """``(key, getter)`` for every tensor of a safetensors file, read with plain file reads.
+
+    Not memory-mapped: pages of a mapped file count as the process's resident memory until the
+    file is closed, which for a 10 GB float32 shard would add 10 GB to the loader's peak. Each
+    getter reads its tensor into a fresh buffer (the file's dtype); the caller casts it and drops it.
+    """
+    header, start = read_safetensors_header(path)
+
+    def getter(entry: dict) -> torch.Tensor:
+        begin, end = entry["data_offsets"]
+        buffer = torch.empty(end - begin, dtype=torch.uint8)
+        with open(path, "rb", buffering=0) as f:
+            f.seek(start + begin)
+            view, done = memoryview(buffer.numpy()), 0
+            while done < len(view):
+                got = f.readinto(view[done:])
+                if not got:
+                    raise WeightsError(f"{path} ended inside tensor data; download the file again.")
+                done += got
+        return buffer.view(_SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+    for key, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+        yield key, (lambda entry=entry: getter(entry))
 
 
 def iter_files(paths: Sequence[Path]) -> Iterator[tuple[str, TensorGetter, Path]]:

@@ -1,9 +1,20 @@
 """Sequence-parallel (Ulysses) DiT across the GPUs of one host vs one GPU of the same machine.
 
-Full-size random weights (same seed on every rank, checked), 448x896x81 by default. In one run:
-rank 0 alone times the single-GPU forward (the other ranks wait), then all ranks time the
-parallel forward; rank 0 checks the parallel output against its single-GPU output (bf16, rel err
-<= 1e-2) and writes ``$OUT/parallel<tag>_<N>gpu_<eager|compiled>.json``. Run on the GPU machine:
+Full-size random weights (same seed on every rank, checked), 448x896x81 by default. In one run,
+for each speaker count:
+
+1. rank 0 alone times the single-GPU forward (the other ranks wait);
+2. all ranks time the sharded forward once per ``--exchange`` x ``--chunks`` variant: the
+   self-attention exchange as all-to-alls (buffers reshaped on arrival) or as batched
+   point-to-point sends straight into the layout attention reads ("p2p", fewer copies), in 1
+   (q, k and v in one exchange, nothing overlapped), 2 or 4 head groups per rank (each group's
+   traffic overlaps its neighbours' attention);
+3. the pipeline's path (``ParallelDiT``): rank 0 calls the DiT as the sampler does, sending each
+   forward's inputs to the other ranks, which follow.
+
+Rank 0 checks every parallel output against its single-GPU output (bf16, rel err <= 1e-2) and
+writes ``$OUT/parallel<tag>_<N>gpu_<eager|compiled>_<people>p.json`` with all of it. On the GPU
+machine:
 
     torchrun --standalone --nproc_per_node=2 benchmarks/bench_parallel.py --compile
 """
@@ -30,7 +41,7 @@ from benchmarks.bench_dit import inputs  # noqa: E402
 from benchmarks.common import cuda_time, median, peak_rss_gib, random_dit, save  # noqa: E402
 from talkgen.models.dit import DiTConfig  # noqa: E402
 from talkgen.runtime.compile import compile_blocks  # noqa: E402
-from talkgen.runtime.parallel import SequenceParallel  # noqa: E402
+from talkgen.runtime.parallel import ParallelDiT, SequenceParallel  # noqa: E402
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -77,6 +88,12 @@ def peak_gpu_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
 
+def timed(fn, timer, warmup: int, reps: int) -> dict:
+    reset_peak()
+    times = timer(fn, warmup=warmup, reps=reps)
+    return dict(nfe_s=median(times), nfe_all=times, peak_gpu_gib=peak_gpu_gib())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--frames", type=int, default=81)
@@ -84,15 +101,25 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=896)
     ap.add_argument("--layers", type=int, default=40)
     ap.add_argument("--people", default="1,2", help="comma-separated speaker counts to measure")
+    ap.add_argument("--chunks", default="1,2,4", help="head groups per rank to measure (comma-separated)")
+    ap.add_argument("--exchange", default="all_to_all,p2p", help="self-attention exchanges to measure")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--skip-single", action="store_true", help="parallel timing only")
+    ap.add_argument("--skip-pipeline", action="store_true", help="no ParallelDiT (leader/follower) timing")
     ap.add_argument("--all-to-all", default="auto", choices=["auto", "native", "gather"])
+    ap.add_argument("--normal-priority", action="store_true", help="NCCL on normal-priority streams")
     ap.add_argument("--tag", default="")
+
     a = ap.parse_args()
 
-    sp = SequenceParallel.from_env(all_to_all=a.all_to_all)
-    rank, world = sp.rank, sp.world
+    variants = [(e, int(c)) for e in a.exchange.split(",") for c in a.chunks.split(",")]
+    base = SequenceParallel.from_env(all_to_all=a.all_to_all, exchange=variants[0][0], chunks=variants[0][1],
+                                     high_priority=not a.normal_priority)
+    rank, world = base.rank, base.world
+    groups = {f"{e}/{c}": base if (e, c) == variants[0] else SequenceParallel(all_to_all=a.all_to_all, exchange=e,
+                                                                             chunks=c)
+              for e, c in variants}
     cuda = torch.cuda.is_available()
     device = f"cuda:{torch.cuda.current_device()}" if cuda else "cpu"  # cpu: a gloo smoke test only
     timer = cuda_time if cuda else wall_time
@@ -101,54 +128,80 @@ def main() -> None:
     model = random_dit(config, dtype, device=device, seed=0)
     same_weights = weights_agree(model)
     if a.compile:
+        # one entry per speaker count and path; plans of equal shape share their guards
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         compile_blocks(model.blocks)
     warmup = 2 if a.compile else 1
     tokens = ((a.frames - 1) // 4 + 1) * (a.height // 16) * (a.width // 16)
 
     for people in [int(p) for p in a.people.split(",")]:
         cond = broadcast_inputs(inputs(config, a.frames, a.height, a.width, people, dtype, device=device))
-
-        def single():
-            with torch.no_grad():
-                return model(**cond)
-
-        def parallel():
-            with torch.no_grad():
-                return model(**cond, parallel=sp)
-
         record = dict(impl="talkgen-ulysses", gpus=world, compiled=a.compile, dtype="bf16", layers=a.layers,
                       people=people, tokens=tokens, frames=a.frames, size=[a.height, a.width],
-                      all_to_all=sp.all_to_all_mode, same_weights_all_ranks=same_weights,
+                      all_to_all=base.all_to_all_mode, nccl_high_priority=not a.normal_priority,
+                      same_weights_all_ranks=same_weights,
                       env={k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST")})
         reference = None
         if not a.skip_single:
             if rank == 0:  # one GPU of the same machine, the others idle at the barrier
-                reset_peak()
-                times = timer(single, warmup=warmup, reps=a.reps)
-                record.update(single_nfe_s=median(times), single_nfe_all=times,
-                              single_peak_gpu_gib=peak_gpu_gib())
+                def single():
+                    with torch.no_grad():
+                        return model(**cond)
+
+                record["single"] = timed(single, timer, warmup, a.reps)
                 reference = single()
             dist.barrier()
 
-        reset_peak()
-        times = timer(parallel, warmup=warmup, reps=a.reps)
-        out = parallel()
-        dist.barrier()
-        record.update(parallel_nfe_s=median(times), parallel_nfe_all=times,
-                      parallel_peak_gpu_gib=peak_gpu_gib())
-        # every rank holds the same gathered output
-        same = torch.tensor([float(out.double().sum())], device=device)
-        sums = [torch.empty_like(same) for _ in range(world)]
-        dist.all_gather(sums, same)
-        record["same_output_all_ranks"] = all(torch.equal(s, sums[0]) for s in sums)
-        if rank == 0:
+        def check(out: torch.Tensor, entry: dict) -> None:
             if reference is not None:
                 err = rel_err(out, reference)
-                record.update(rel_err_vs_single=err, equal_within_bf16=err <= 1e-2,
-                              speedup=record["single_nfe_s"] / record["parallel_nfe_s"])
+                entry.update(rel_err_vs_single=err, equal_within_bf16=err <= 1e-2,
+                             speedup=record["single"]["nfe_s"] / entry["nfe_s"])
+
+        record["parallel"] = {}
+        for variant, sp in groups.items():
+            def parallel(sp=sp):
+                with torch.no_grad():
+                    return model(**cond, parallel=sp)
+
+            entry = timed(parallel, timer, warmup, a.reps)
+            out = parallel()
+            dist.barrier()
+            _, _, t_lat, h, w = cond["x"].shape
+            entry["head_groups"] = sp.plan((t_lat, h // 2, w // 2), config.num_heads).head_groups
+            # every rank holds the same gathered output
+            same = torch.tensor([float(out.double().sum())], device=device)
+            sums = [torch.empty_like(same) for _ in range(world)]
+            dist.all_gather(sums, same)
+            entry["same_output_all_ranks"] = all(torch.equal(s, sums[0]) for s in sums)
+            check(out, entry)
+            record["parallel"][variant] = entry
+            del out
+
+        if not a.skip_pipeline:  # the sampler's path: rank 0 leads, the others follow
+            best = min(record["parallel"].items(), key=lambda item: item[1]["nfe_s"])[0]
+            leader = ParallelDiT(model, groups[best])
+            if rank == 0:
+                def led():
+                    with torch.no_grad():
+                        return leader(**cond)
+
+                entry = timed(led, timer, warmup, a.reps)
+                check(led(), entry)
+                leader.done()
+                record["pipeline"] = dict(entry, variant=best)
+            else:
+                leader.follow()
+            dist.barrier()
+
+        if rank == 0:
+            if reference is not None:
+                fastest = min(record["parallel"].values(), key=lambda e: e["nfe_s"])
+                record.update(single_nfe_s=record["single"]["nfe_s"], parallel_nfe_s=fastest["nfe_s"],
+                              speedup=fastest.get("speedup"))
             record["peak_rss_gib"] = peak_rss_gib()
             save(f"parallel{a.tag}_{world}gpu_{'compiled' if a.compile else 'eager'}_{people}p", record)
-        del reference, out
+        reference = None  # noqa: F841  (frees the single-GPU output before the next speaker count)
         if cuda:
             torch.cuda.empty_cache()
     dist.barrier()

@@ -135,3 +135,35 @@ def test_sample_speech_is_deterministic_and_speech_like() -> None:
     spectrum = np.abs(np.fft.rfft(speech)) ** 2
     freqs = np.fft.rfftfreq(len(speech), 1 / SR)
     assert spectrum[(freqs > 100) & (freqs < 4000)].sum() > 0.9 * spectrum.sum()
+
+
+def test_live_segments_of_consecutive_chunks_play_as_one_stream(tmp_path: Path) -> None:
+    """Chunks encoded one by one (as a streaming job makes them), remuxed into MPEG-TS segments with
+    the packets of one AAC stream: video timestamps run on frame by frame across the joins, every
+    audio packet starts where the one before ends, each segment holds its chunk's frames exactly."""
+    from fractions import Fraction
+
+    from talkgen.media.video import SEGMENT_CLOCK_START, AacTrack, write_ts_segment
+
+    sizes, fps = [9, 8, 8, 5], 25
+    total = sum(sizes)
+    frames = _moving_portrait(total, (64, 48))
+    speech = sample_speech(total / fps, SR)
+    track = AacTrack(speech, SR, total, fps)
+    video, audio, first = [], [], 0
+    for n, size in enumerate(sizes):
+        chunk = write_mp4(tmp_path / f"chunk{n}.mp4", frames[first:first + size], None, SR, b_frames=False)
+        segment = write_ts_segment(tmp_path / f"seg{n}.ts", chunk, first, track, last=n == len(sizes) - 1)
+        with av.open(str(segment)) as container:  # (packets are read while their container is open)
+            assert container.format.name == "mpegts"
+            for packet in container.demux():
+                if packet.dts is not None:
+                    times = video if packet.stream.type == "video" else audio
+                    times.append(packet.pts * packet.time_base)
+        same, _ = read_video(segment)
+        assert np.array_equal(same, read_video(chunk)[0])  # the chunk's h264, not encoded again
+        first += size
+    assert video == [SEGMENT_CLOCK_START + Fraction(i, fps) for i in range(total)]
+    step = Fraction(AAC_FRAME, SR)
+    assert audio == [SEGMENT_CLOCK_START - step + i * step for i in range(len(audio))]  # priming first, no gaps
+    assert audio[-1] + step >= SEGMENT_CLOCK_START + Fraction(total, fps)  # the audio covers the video

@@ -80,12 +80,15 @@ def write_mp4(
     fps: int = DEFAULT_FPS,
     crf: int = DEFAULT_CRF,
     preset: str = "medium",
+    b_frames: bool = True,
 ) -> Path:
     """Encode uint8 RGB ``frames [F, H, W, 3]`` (h264) and mono float ``audio`` (AAC) into ``path``.
 
     The audio is cut or zero-padded to exactly ``F / fps`` seconds. Odd frame sizes are padded by
     one edge row/column (yuv420p needs even sizes). The file is written beside ``path`` and
     renamed into place, so a crash never leaves a half-written video under the final name.
+    ``b_frames=False`` makes decode order presentation order (what :func:`write_ts_segment`
+    needs to join independently encoded pieces without a step back in decode time).
     """
     path = Path(path)
     frames = _check_frames(frames)
@@ -97,7 +100,7 @@ def write_mp4(
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial.mp4")
     try:
-        _encode(partial, frames, samples, sample_rate, fps, crf, preset)
+        _encode(partial, frames, samples, sample_rate, fps, crf, preset, b_frames)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
@@ -145,9 +148,10 @@ def _encode(
     fps: int,
     crf: int,
     preset: str,
+    b_frames: bool = True,
 ) -> None:
     height, width = frames.shape[1:3]
-    with Mp4Writer(path, width, height, samples, sample_rate, fps, crf, preset) as writer:
+    with Mp4Writer(path, width, height, samples, sample_rate, fps, crf, preset, b_frames) as writer:
         writer.write(frames)
 
 
@@ -158,7 +162,7 @@ class Mp4Writer:
     result write to a temporary name (as :func:`write_mp4` does)."""
 
     def __init__(self, path: Path, width: int, height: int, audio: np.ndarray | None, sample_rate: int,
-                 fps: int = DEFAULT_FPS, crf: int = DEFAULT_CRF, preset: str = "medium"):
+                 fps: int = DEFAULT_FPS, crf: int = DEFAULT_CRF, preset: str = "medium", b_frames: bool = True):
         _require_encoder(VIDEO_CODEC)
         if audio is not None:
             _require_encoder(AUDIO_CODEC)
@@ -167,7 +171,8 @@ class Mp4Writer:
         self.sample_rate, self.fps = sample_rate, fps
         self.frames_written = self.samples_done = 0
         self.container = av.open(str(path), mode="w", format="mp4", options={"movflags": "+faststart"})
-        self.video = self.container.add_stream(VIDEO_CODEC, rate=Fraction(fps), options={"crf": str(crf), "preset": preset})
+        options = {"crf": str(crf), "preset": preset, **({} if b_frames else {"bf": "0"})}
+        self.video = self.container.add_stream(VIDEO_CODEC, rate=Fraction(fps), options=options)
         self.video.width, self.video.height, self.video.pix_fmt = self.width, self.height, "yuv420p"
         self.video.codec_context.colorspace = _AVCOL_SPC_SMPTE170M
         self.video.codec_context.color_range = _AVCOL_RANGE_MPEG
@@ -218,6 +223,102 @@ def _audio_frame(samples: np.ndarray, start: int, sample_rate: int) -> av.AudioF
     frame.pts = start
     frame.time_base = Fraction(1, sample_rate)
     return frame
+
+
+# --------------------------------------------------------------------------------------------
+# Live segments: a long video watchable while it is made (HLS, MPEG-TS)
+
+# Video time t is at t + SEGMENT_CLOCK_START on the segments' clock: the AAC encoder's priming
+# packet starts before the first frame, and an MPEG-TS timestamp cannot be negative.
+SEGMENT_CLOCK_START = 1
+
+
+class AacTrack:
+    """A whole soundtrack as one AAC stream, so that the live segments carry consecutive packets
+    of it: each segment takes the packets that begin within its frames, and at the joins there is
+    no encoder priming, no gap and no sample twice. Encoded as the segments ask for it (in order),
+    never more than a packet ahead. The encoder is deterministic: a job resumed elsewhere encodes
+    the same packets for the segments still to come."""
+
+    FRAME = 1024  # samples per AAC packet
+
+    def __init__(self, audio: np.ndarray, sample_rate: int, num_frames: int, fps: int = DEFAULT_FPS):
+        _require_encoder(AUDIO_CODEC)
+        self.samples = fit_audio(audio, num_frames, sample_rate, fps)
+        self.sample_rate, self.fps = sample_rate, fps
+        self.bit_rate = min(128_000, 6 * sample_rate)  # as Mp4Writer
+        self.codec = av.CodecContext.create(AUDIO_CODEC, "w")
+        self.codec.sample_rate, self.codec.layout, self.codec.format = sample_rate, "mono", "fltp"
+        self.codec.bit_rate, self.codec.time_base = self.bit_rate, Fraction(1, sample_rate)
+        self.encoded = 0  # samples given to the encoder
+        self.flushed = False
+        self.pending: list[tuple[int, bytes]] = []  # (pts in samples, AAC packet) not handed out yet
+
+    def sample_at(self, frame: int) -> int:
+        return round(frame * self.sample_rate / self.fps)
+
+    def packets_for(self, first_frame: int, frames: int, last: bool) -> list[tuple[int, bytes]]:
+        """The packets that begin within ``frames`` frames from ``first_frame``; the first segment
+        also takes the priming packet (it begins before 0), the last one the encoder's tail."""
+        start = self.sample_at(first_frame) if first_frame > 0 else None
+        end = None if last else self.sample_at(first_frame + frames)
+        while not self.flushed and (end is None or not self.pending or self.pending[-1][0] < end):
+            self._encode_more()
+        taken = [(pts, data) for pts, data in self.pending if end is None or pts < end]
+        self.pending = self.pending[len(taken):]
+        return [(pts, data) for pts, data in taken if start is None or pts >= start]
+
+    def _encode_more(self) -> None:
+        if self.encoded < len(self.samples):
+            piece = self.samples[self.encoded:self.encoded + self.FRAME]
+            packets = self.codec.encode(_audio_frame(piece, self.encoded, self.sample_rate))
+            self.encoded += len(piece)
+        else:
+            packets, self.flushed = self.codec.encode(None), True
+        self.pending.extend((int(p.pts), bytes(p)) for p in packets)
+
+
+def write_ts_segment(path: str | Path, video: str | Path, first_frame: int, audio: AacTrack | None = None,
+                     last: bool = False, fps: int = DEFAULT_FPS) -> Path:
+    """One HLS segment (MPEG-TS): the h264 of ``video`` (a chunk's mp4 written with
+    ``b_frames=False``) remuxed as it is, no second encode, moved to start at ``first_frame`` of
+    the whole video, with the packets of ``audio`` that begin within its frames. Segments made
+    this way for consecutive chunks play as one stream: video timestamps run on frame by frame
+    across the joins, and the audio is one continuous AAC stream (see :class:`AacTrack`).
+    Written beside ``path`` and renamed into place."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial.ts")
+    clock = Fraction(SEGMENT_CLOCK_START) + Fraction(first_frame, fps)
+    try:
+        with av.open(str(video)) as source, av.open(str(partial), mode="w", format="mpegts") as target:
+            video_in = source.streams.video[0]
+            video_out = target.add_stream_from_template(video_in)
+            audio_out = None
+            if audio is not None:
+                audio_out = target.add_stream(AUDIO_CODEC, rate=audio.sample_rate, layout="mono")
+                audio_out.bit_rate = audio.bit_rate  # opened only for its stream parameters
+            frames = 0
+            for packet in source.demux(video_in):
+                if packet.dts is None:  # the demuxer's end-of-stream marker
+                    continue
+                shift = round(clock / packet.time_base)
+                packet.pts, packet.dts = packet.pts + shift, packet.dts + shift
+                packet.stream = video_out
+                target.mux(packet)
+                frames += 1
+            if audio_out is not None:
+                shift = int(Fraction(SEGMENT_CLOCK_START) * audio.sample_rate)
+                for pts, data in audio.packets_for(first_frame, frames, last):
+                    packet = av.Packet(data)
+                    packet.pts = packet.dts = pts + shift
+                    packet.duration = AacTrack.FRAME
+                    packet.time_base = Fraction(1, audio.sample_rate)
+                    packet.stream = audio_out
+                    target.mux(packet)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from .service_helpers import find_program
@@ -108,3 +110,77 @@ def test_the_page_shows_the_server_error_and_asks_for_the_key(browser, live_serv
     assert page.is_visible("#cancel")
     page.click("#cancel")
     page.wait_for_function("document.getElementById('status').dataset.status === 'cancelled'")
+
+
+@pytest.mark.parametrize("key", [None, "live-key"], ids=["open", "with-key"])
+def test_the_live_player_plays_the_finished_part_while_the_job_runs(browser, live_server, inputs, tmp_path,
+                                                                    monkeypatch, key) -> None:
+    from talkgen.pipeline import pipeline as pipeline_module
+    from talkgen.service import worker as worker_module
+
+    # 9-frame chunks (the page sets frames, not motion frames): 0.6 s of speech = 9 + 6 new frames.
+    for model in list(pipeline_module.MOTION_FRAMES):
+        monkeypatch.setitem(pipeline_module.MOTION_FRAMES, model, 1)
+    release, original = threading.Event(), worker_module.ChunkSink.__call__
+
+    def held(self, chunk):  # hold the job after its first chunk until the page has played it
+        original(self, chunk)
+        if chunk.index == 0:
+            assert release.wait(60)
+
+    monkeypatch.setattr(worker_module.ChunkSink, "__call__", held)
+    server = live_server(**({"api_keys": key} if key else {}))
+    server.wait_ready()
+    page = browser.new_page()
+    errors, requests = [], []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("request", lambda request: requests.append(request.url))
+    try:
+        page.goto(server.url + "/")
+        page.wait_for_selector("body[data-ready='1']")
+        page.set_input_files("#image", str(inputs["image"]))
+        page.set_input_files("#audio", str(inputs["audio"]))
+        page.click("details summary")
+        page.fill("#steps", "1")
+        page.fill("#frames", "9")
+        page.check("#streaming")
+        if key:  # hls.js sends it with every request for the playlist and the segments
+            page.fill("#api-key", key)
+        page.click("#submit")
+
+        page.wait_for_selector("#live:not([hidden])", timeout=60_000)
+        assert "0.36 s" in page.inner_text("#live-note")
+        played = page.evaluate("""async () => {
+            const v = document.getElementById('live-player');
+            const until = (test, ms) => new Promise((resolve, reject) => {
+                const t0 = Date.now();
+                const tick = () => test() ? resolve() : Date.now() - t0 > ms ? reject(new Error('timed out')) : setTimeout(tick, 50);
+                tick();
+            });
+            await until(() => v.buffered.length && v.buffered.end(0) > 0.3, 30000);
+            v.muted = true;
+            await v.play();
+            await until(() => v.currentTime > 0.2, 30000);
+            return {start: v.buffered.start(0), end: v.buffered.end(0), time: v.currentTime, width: v.videoWidth,
+                    hls: typeof window.Hls};
+        }""")
+        assert played["hls"] == "function" and played["width"] > 0, played  # hls.js played it (MSE)
+        # The first chunk's 9 frames; hls.js starts its clock at the AAC encoder's priming (64 ms before them).
+        assert played["end"] - played["start"] == pytest.approx(0.36, abs=0.02) and played["start"] < 0.1, played
+        assert page.evaluate("document.getElementById('status').dataset.status") == "running"
+        page.screenshot(path=str(tmp_path / "live.png"), full_page=True)
+
+        release.set()
+        page.wait_for_function("document.getElementById('status').dataset.status === 'succeeded'", timeout=60_000)
+        page.wait_for_selector("#result:not([hidden])")
+        assert page.is_hidden("#live")  # the whole mp4 takes over
+        duration = page.evaluate("""() => new Promise((resolve) => {
+            const v = document.getElementById('player');
+            if (v.readyState >= 1) resolve(v.duration);
+            v.addEventListener('loadedmetadata', () => resolve(v.duration));
+        })""")
+        assert duration == pytest.approx(0.6, abs=0.05)
+        assert all(url.startswith((server.url, "blob:", "data:")) for url in requests), requests  # nothing from elsewhere
+        assert not errors, errors
+    finally:
+        release.set()

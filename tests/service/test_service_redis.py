@@ -15,6 +15,7 @@ import soundfile as sf
 from talkgen.media.samples import sample_speech
 
 from .service_helpers import Api, service_env, wait_until
+from .test_service_live import check_continuous, fetch_segments, parse_playlist
 
 # Dead-worker detection fast enough for a test: a worker silent for 5 s is dead, and every
 # broker call looks for dead workers (production: 60 s, 1% of calls).
@@ -131,6 +132,10 @@ def test_a_worker_killed_mid_stream_loses_nothing_and_the_stream_resumes(cluster
     (tmp_path / "whole.mp4").write_bytes(video.content)
     with av.open(str(tmp_path / "whole.mp4")) as container:
         assert sum(1 for _ in container.decode(video=0)) == job["result"]["frames"] == 30
+    # Its live playlist plays as one stream: the segments of both attempts, no seam where the worker died.
+    tags, segments = parse_playlist(cluster.api.http.get(job["live_url"]).text)
+    assert tags[-1] == "#EXT-X-ENDLIST" and len(segments) == 4
+    check_continuous(fetch_segments(cluster.api.http, cluster.api.base_url + job["live_url"], segments, tmp_path), 30)
 
     failed = cluster.api.wait(doomed, timeout=60)
     assert failed["status"] == "failed" and "started 3 times" in failed["error"]

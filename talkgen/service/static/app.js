@@ -1,6 +1,8 @@
 // talkgen's page: submit a job, follow its server-sent events, show and offer the video.
 // No framework: fetch() for everything (so an API key can travel in the Authorization header,
 // which EventSource cannot send), and a small reader for the text/event-stream format.
+// While a streaming job runs, its live HLS playlist plays in #live-player through hls.js
+// (served from /static/vendor, loaded only when needed; native HLS where there is no MSE).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -10,6 +12,7 @@ const STAGES = {
 };
 let currentJob = null;
 let authRequired = false;
+let live = null;  // { jobId, hls } while the live player shows a job's finished part
 
 function headers() {
   const key = $("api-key").value.trim();
@@ -79,9 +82,86 @@ function showParts(job) {
   }
 }
 
+// -- the live player: the part of a streaming job finished so far ------------------------------
+
+const HLS_SCRIPT = "/static/vendor/hls.light.min.js";
+
+function loadHls() {
+  if (window.Hls) return Promise.resolve(window.Hls);
+  return new Promise((resolve, reject) => {
+    const script = document.createElement("script");
+    script.src = HLS_SCRIPT;
+    script.onload = () => resolve(window.Hls);
+    script.onerror = () => reject(new Error(`Could not load the HLS player (${HLS_SCRIPT}).`));
+    document.head.append(script);
+  });
+}
+
+function sameOrigin(url) {
+  return new URL(url, location.href).origin === location.origin;
+}
+
+async function startLive(job) {
+  if (live && live.jobId === job.id) return;
+  stopLive();
+  const mine = { jobId: job.id, hls: null };
+  live = mine;
+  const video = $("live-player");
+  let Hls = null;
+  try { Hls = await loadHls(); } catch (_) { /* native HLS may still play it */ }
+  if (live !== mine) return;  // another job, or the end, came meanwhile
+  if (Hls && Hls.isSupported()) {
+    const hls = new Hls({
+      startPosition: 0,  // from the beginning: the whole video so far, not the live edge
+      // The key goes to this server only (segments may be presigned S3 URLs, which carry their own).
+      xhrSetup: (xhr, url) => {
+        if (!sameOrigin(url)) return;
+        if (!xhr.readyState) xhr.open("GET", url, true);
+        for (const [name, value] of Object.entries(headers())) xhr.setRequestHeader(name, value);
+      },
+    });
+    hls.on(Hls.Events.ERROR, (_event, data) => {
+      if (!data.fatal) return;
+      if (data.type === Hls.ErrorTypes.MEDIA_ERROR) hls.recoverMediaError();
+      else setTimeout(() => { if (live === mine) hls.startLoad(); }, 2000);
+    });
+    hls.loadSource(job.live_url);
+    hls.attachMedia(video);
+    mine.hls = hls;
+  } else if (!authRequired && video.canPlayType("application/vnd.apple.mpegurl")) {
+    video.src = job.live_url;  // native HLS (Safari); it cannot send a key
+  } else {
+    live = null;  // no way to play HLS here: the finished parts' links remain
+    return;
+  }
+  $("live").hidden = false;
+}
+
+function stopLive() {
+  const video = $("live-player");
+  const state = { position: video.currentTime || 0, playing: !video.paused && !video.ended };
+  if (live && live.hls) live.hls.destroy();
+  live = null;
+  video.removeAttribute("src");
+  video.load();
+  $("live").hidden = true;
+  return state;
+}
+
+function showLive(job) {
+  const chunks = job.chunks || [];
+  if (!job.live_url || !chunks.length || job.status === "succeeded") return;
+  const seconds = chunks.reduce((sum, c) => sum + c.duration_s, 0);
+  $("live-note").textContent = job.status === "running" || job.status === "queued"
+    ? `The part finished so far (${seconds.toFixed(2)} s); it grows as the rest is made.`
+    : `The part finished before the job ${job.status} (${seconds.toFixed(2)} s).`;
+  startLive(job).catch((e) => showError(e.message));
+}
+
 function update(job) {
   $("status-box").hidden = false;
   showParts(job);
+  showLive(job);
   $("bar").value = job.status === "succeeded" ? 1 : (job.progress ? job.progress.fraction : 0);
   $("status").textContent = describe(job);
   $("status").dataset.status = job.status;
@@ -94,7 +174,17 @@ async function finish(job) {
   currentJob = null;
   if (job.status === "failed") showError(job.error || "The job failed.");
   if (job.status !== "succeeded") return;
+  const watched = live ? stopLive() : null;  // the whole mp4 takes over where the live one was
   await play(job.result.video_url, `talkgen-${job.id}.mp4`);
+  if (watched && watched.position > 0) {
+    const player = $("player");
+    const resume = () => {
+      player.currentTime = Math.min(watched.position, player.duration || watched.position);
+      if (watched.playing) player.play().catch(() => {});
+    };
+    if (player.readyState >= 1) resume();
+    else player.addEventListener("loadedmetadata", resume, { once: true });
+  }
 }
 
 // Server-sent events over fetch: frames end with a blank line; we need "event" and "data".
@@ -179,6 +269,7 @@ async function submit(event) {
   try { form = collect(); } catch (e) { showError(e.message); return; }
   if (authRequired) localStorage.setItem("talkgen-api-key", $("api-key").value.trim());
   $("submit").disabled = true;
+  stopLive();
   const response = await fetch("/v1/jobs", { method: "POST", body: form, headers: headers() });
   if (response.status !== 202) {
     showError(await errorText(response));

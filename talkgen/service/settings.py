@@ -34,6 +34,13 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="comma-separated keys for `Authorization: Bearer`; required off loopback")
     max_upload_mb: float = Field(512, gt=0, description="largest request body (all files together)")
+    max_audio_s: float = Field(1800, gt=0, description="longest speech a job may bring (each audio file), in seconds")
+    max_image_mp: float = Field(64, gt=0, le=179, description="largest portrait, in megapixels (decoded at intake)")
+    input_root: Path | None = Field(
+        None, description="JSON jobs may name local files under this folder (none: local paths are refused)")
+    input_buckets: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated buckets JSON jobs may name as s3:// inputs; default: the "
+                                          "storage's own bucket when the storage is S3, else none")
 
     # -- the model -------------------------------------------------------------------------------
     model: Literal["tiny", "multitalk", "infinitetalk"] = "multitalk"
@@ -47,6 +54,8 @@ class Settings(BaseSettings):
     database: Path | None = Field(None, description="SQLite file; default DATA_DIR/jobs.sqlite3")
     storage: str = Field("", description="'' = DATA_DIR/storage, a directory, or s3://bucket/prefix")
     max_attempts: int = Field(3, ge=1, description="times a job is started before a dying worker fails it")
+    storage_tries: int = Field(3, ge=1, le=20, description="tries to store a result before the job fails")
+    storage_retry_delay_s: float = Field(2, ge=0, le=300, description="wait before the second try (doubles after)")
 
     # -- S3 (boto3; unset credentials fall back to boto3's own chain) --------------------------------
     s3_endpoint_url: str | None = None
@@ -55,6 +64,7 @@ class Settings(BaseSettings):
     s3_access_key_id: str | None = None
     s3_secret_access_key: SecretStr | None = None
     s3_multipart_chunk_mb: int = Field(16, ge=5)
+    s3_max_attempts: int = Field(5, ge=1, le=20, description="boto3's own tries per S3 call (standard retry mode)")
     presign_expiry_s: int = Field(3600, ge=1)
 
     # -- Redis queue (dramatiq) ------------------------------------------------------------------
@@ -65,11 +75,23 @@ class Settings(BaseSettings):
         10_000, ge=1, le=1_000_000, description="per million broker calls: how often dead workers are looked for")
     job_lease_s: float = Field(30, gt=0, description="a running job's lock, renewed every third of it")
 
-    @field_validator("api_keys", mode="before")
+    # -- tests only ------------------------------------------------------------------------------
+    faults: str = Field("", description="fault injection for the reliability tests (see talkgen.service.faults); "
+                                        "leave empty")
+
+    @field_validator("api_keys", "input_buckets", mode="before")
     @classmethod
     def _split_keys(cls, value):
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @field_validator("faults")
+    @classmethod
+    def _check_faults(cls, value: str) -> str:
+        from talkgen.service.faults import parse_faults
+
+        parse_faults(value)  # a typo fails at start, not silently
         return value
 
     # -- derived ---------------------------------------------------------------------------------
@@ -81,6 +103,15 @@ class Settings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 2**20)
+
+    @property
+    def allowed_buckets(self) -> list[str]:
+        """Buckets JSON jobs may read inputs from: TALKGEN_INPUT_BUCKETS, else the storage's bucket."""
+        if self.input_buckets:
+            return list(self.input_buckets)
+        if self.storage.startswith("s3://"):
+            return [self.storage[len("s3://"):].split("/", 1)[0]]
+        return []
 
     @property
     def weights_dir(self) -> Path:

@@ -122,17 +122,25 @@ class LocalStorage(Storage):
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f".{target.name}.partial")
-        shutil.copyfile(path, partial)
-        partial.replace(target)  # readers never see half a file
+        try:
+            shutil.copyfile(path, partial)
+            partial.replace(target)  # readers never see half a file
+        except BaseException:  # a full disk: leave no half file behind
+            partial.unlink(missing_ok=True)
+            raise
         return target.as_uri()
 
     def put_stream(self, key: str, stream: BinaryIO, content_type: str | None = None) -> str:
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f".{target.name}.partial")
-        with open(partial, "wb") as out:
-            shutil.copyfileobj(stream, out, 1 << 20)
-        partial.replace(target)
+        try:
+            with open(partial, "wb") as out:
+                shutil.copyfileobj(stream, out, 1 << 20)
+            partial.replace(target)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
         return target.as_uri()
 
 
@@ -190,8 +198,8 @@ def make_s3_client(settings: Settings, endpoint: str | None = None):
         region_name=settings.s3_region,
         aws_access_key_id=settings.s3_access_key_id,
         aws_secret_access_key=secret,
-        config=Config(signature_version="s3v4", s3={"addressing_style": "path"},
-                      retries={"max_attempts": 5, "mode": "standard"}),
+        config=Config(signature_version="s3v4", s3={"addressing_style": "path"}, connect_timeout=10,
+                      retries={"max_attempts": settings.s3_max_attempts, "mode": "standard"}),
     )
 
 

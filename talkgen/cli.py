@@ -27,6 +27,7 @@ console = Console(stderr=True)
 STAGE_LABELS = {
     "load": "loading weights", "audio": "reading speech", "text": "encoding prompt", "image": "encoding image",
     "condition": "encoding condition frame", "sample": "sampling", "decode": "decoding video", "write": "writing mp4",
+    "scenes": "detecting shots", "shot": "shots",
 }
 
 
@@ -135,6 +136,45 @@ def parse_box(spec: str | None) -> list[float] | None:
         raise TalkgenError(f"--bbox {spec!r}: give four numbers top,left,bottom,right in pixels.") from None
 
 
+GPUS_HELP = ("GPUs of this host for one video, sequence parallel (torchrun underneath); "
+             "with --device cpu or no GPU: that many CPU processes")
+
+
+def ranks(command: str, gpus: int, device: str | None, arguments: dict):
+    """``--gpus N``: start N processes running ``command`` with the same ``arguments`` (its
+    ``locals()`` before anything else) and exit with rank 0's code; in one of those processes,
+    return its sequence-parallel group and device. ``(None, device)`` for one GPU."""
+    if gpus == 1:
+        return None, device
+    import inspect
+
+    from talkgen.runtime.launch import launch, launched, launched_parallel, rank_device, world_size
+
+    if not launched():
+        names = inspect.signature(globals()[command]).parameters
+        raise SystemExit(launch(command, gpus, {name: arguments[name] for name in names}, device))
+    if world_size() != gpus:
+        raise TalkgenError(f"--gpus {gpus}, but this process is one of {world_size()} (torchrun): make them agree.")
+    parallel = launched_parallel(device)
+    if parallel.rank != 0:
+        console.quiet = True  # rank 0 reports
+    return parallel, rank_device(device)
+
+
+def follow_rank_zero(settings, device: str, parallel) -> None:
+    """A rank other than 0 of a worker: load the DiT, run its shard of rank 0's forwards until
+    rank 0 exits (signals are rank 0's to handle: it finishes or hands back its job first)."""
+    import signal
+
+    from talkgen.pipeline.pipeline import Pipeline
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    pipe = Pipeline.from_pretrained(settings.weights_dir, settings.model, people=settings.people, device=device,
+                                    parallel=parallel)
+    pipe.follow()
+
+
 @app.command()
 @reports_errors
 def generate(
@@ -167,15 +207,22 @@ def generate(
     use_apg: Annotated[Optional[bool], typer.Option("--apg/--no-apg")] = None,
     color_strength: Annotated[Optional[float], typer.Option(help="colour correction 0..1, default 1")] = None,
     teacache: Annotated[Optional[float], typer.Option(help="TeaCache threshold (e.g. 0.2); off by default")] = None,
+    scene_seg: Annotated[Optional[bool], typer.Option("--scene-seg/--no-scene-seg", help="dubbing: detect the video's shots and dub each on its own")] = None,
     lora: Annotated[Optional[list[str]], typer.Option(help="LoRA file[:scale], repeatable")] = None,
     preset: Annotated[Optional[str], typer.Option(help="step-distilled settings: lightx2v (4 steps) | fusionx (8 steps)")] = None,
     quant_file: Annotated[Optional[Path], typer.Option(help="a quantized DiT file of the reference (int8/fp8)")] = None,
     seed: Annotated[Optional[int], typer.Option(help="default 42; negative = random")] = None,
     device: Annotated[Optional[str], typer.Option(help="cuda | cpu (default: cuda if present)")] = None,
+    memory: Annotated[Optional[str], typer.Option(help="auto | resident | offload-encoders | fp8 | stream-blocks (default auto: from free GPU memory; TALKGEN_MEMORY)")] = None,
+    vram_budget: Annotated[Optional[float], typer.Option("--vram-budget", min=0, help="peak GPU memory to stay under, GiB (TALKGEN_VRAM_BUDGET_GB)")] = None,
+    fp8: Annotated[Optional[bool], typer.Option("--fp8/--no-fp8", help="fp8 GEMMs in the DiT blocks (default: on where the GPU and torchao support it; TALKGEN_FP8)")] = None,
+    gpus: Annotated[int, typer.Option(min=1, help=GPUS_HELP)] = 1,
 ) -> None:
     """Generate a talking video from a portrait (or a video to dub) and speech."""
     from talkgen.pipeline.pipeline import Pipeline
     from talkgen.pipeline.request import GenerationRequest
+
+    parallel, device = ranks("generate", gpus, device, locals())
 
     options = dict(prompt=prompt, negative_prompt=negative_prompt, size=size, frame_num=frame_num, sample_steps=steps,
                    sample_shift=shift, text_guide_scale=text_scale, audio_guide_scale=audio_scale, use_apg=use_apg,
@@ -183,6 +230,7 @@ def generate(
                    color_correction_strength=color_strength)
     if teacache is not None:
         options.update(use_teacache=True, teacache_thresh=teacache)
+    options["scene_seg"] = scene_seg
     if preset is not None:
         from talkgen.weights.lora import PRESETS
 
@@ -209,7 +257,10 @@ def generate(
         request = GenerationRequest.parse(values)
     with ProgressBar() as bar:
         pipe = Pipeline.from_pretrained(weights_dir, model, people=people, device=device, progress=bar,
-                                        loras=[parse_lora(spec) for spec in lora or []], quant_file=quant_file)
+                                        loras=[parse_lora(spec) for spec in lora or []], quant_file=quant_file,
+                                        parallel=parallel, memory=memory, vram_budget_gb=vram_budget, fp8=fp8)
+        if getattr(pipe, "memory", None) is not None and pipe.device.type == "cuda":
+            console.print(f"memory: {pipe.memory.describe()}", soft_wrap=True, highlight=False)
         result = pipe.generate(request, output=output, progress=bar)
     for note in result.notes:
         console.print(f"note: {note}", soft_wrap=True, highlight=False)
@@ -234,7 +285,9 @@ def info(
             console.print(f"GPU {i}: {props.name}, {props.total_memory / 2**30:.1f} GiB")
     else:
         console.print("GPU: none (CUDA not available); generation runs on the CPU")
-    console.print("attention backend: torch SDPA")
+    from talkgen.models.attention import describe_backend
+
+    console.print(f"attention backend: {describe_backend()}", highlight=False)
     from talkgen.weights.cli import weights_report
 
     weights_dir = weights_dir or default_cache_dir() / "tiny"
@@ -287,12 +340,20 @@ def serve(
     data_dir: Annotated[Optional[Path], typer.Option(help="job store and local storage")] = None,
     storage: Annotated[Optional[str], typer.Option(help="a directory or s3://bucket/prefix")] = None,
     redis: Annotated[Optional[str], typer.Option(help="queue jobs in Redis for `talkgen worker`s instead of running them here")] = None,
+    gpus: Annotated[int, typer.Option(min=1, help="one embedded worker over this many GPUs (sequence parallel)")] = 1,
 ) -> None:
     """The HTTP API, the web page at /, the job store and the workers, in one process."""
+    if gpus > 1 and (redis or workers not in (None, 1)):
+        raise TalkgenError(f"--gpus {gpus} makes one embedded worker over {gpus} GPUs: leave out --workers and --redis "
+                           f"(with Redis, run `talkgen worker --gpus {gpus}` for each GPU set instead).")
+    parallel, device = ranks("serve", gpus, device, locals())
+    workers = 1 if parallel is not None else workers
     settings = _service_settings(host=host, port=port, model=model, weights=weights_dir, people=people, device=device,
                                  workers=workers, data_dir=data_dir, storage=storage, redis_url=redis)
     if settings.workers != 0 and not settings.redis_url:
         settings.weights_dir  # noqa: B018  (says which flag is missing before anything starts)
+    if parallel is not None and parallel.rank != 0:  # the other GPUs of the worker: DiT shards only
+        return follow_rank_zero(settings, device, parallel)
     from talkgen.service.api import serve as run_server
 
     console.print(f"talkgen service on http://{settings.host}:{settings.port}/ (model {settings.model}, "
@@ -310,15 +371,21 @@ def worker(
     device: Annotated[Optional[str], typer.Option(help="the GPU set of this worker, e.g. cuda:0 (one job at a time)")] = None,
     storage: Annotated[Optional[str], typer.Option(help="the server's storage: a shared directory or s3://bucket/prefix")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="where local storage lives when --storage is not given")] = None,
+    gpus: Annotated[int, typer.Option(min=1, help=GPUS_HELP)] = 1,
 ) -> None:
     """Take jobs from Redis, one at a time, with the model kept loaded. Run one per GPU set, on any
-    number of machines; SIGTERM hands a running job back to the queue."""
+    number of machines; SIGTERM hands a running job back to the queue. With --gpus N the worker
+    spans N GPUs of this host (CUDA_VISIBLE_DEVICES picks them); its first process takes the jobs."""
     import signal
     import threading
+
+    parallel, device = ranks("worker", gpus, device, locals())
 
     settings = _service_settings(redis_url=redis, model=model, weights=weights_dir, people=people, device=device,
                                  storage=storage, data_dir=data_dir)
     settings.weights_dir  # noqa: B018  (says which flag is missing before anything starts)
+    if parallel is not None and parallel.rank != 0:  # the other GPUs of the worker: DiT shards only
+        return follow_rank_zero(settings, device, parallel)
     from talkgen.service.queue import run_redis_worker
     from talkgen.service.storage import open_storage
 

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import os
 import random
+from collections import OrderedDict
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 
 from talkgen.errors import InputError
+from talkgen.media.scenes import ShotList
 from talkgen.models.dit import WanMultiTalkDiT
 from talkgen.pipeline.chunks import (
     Chunk,
@@ -122,6 +125,9 @@ class Pipeline:
         device: torch.device | str = "cpu",
         bucket_divisor: int = 1,
         batch_passes: bool = False,
+        parallel=None,
+        memory=None,
+        text_cache_size: int = 16,
     ):
         self.dit = dit
         self.vae = vae
@@ -136,7 +142,15 @@ class Pipeline:
         # One forward for the guidance passes that share a speaker count. Measured on an H100
         # it gains nothing at 480p and costs memory, so it is off by default.
         self.batch_passes = batch_passes
-        self._text_cache: dict[str, torch.Tensor] = {}
+        # Several GPUs: a talkgen.runtime.parallel.ParallelDiT; rank 0 calls it in place of the DiT.
+        self.parallel = parallel
+        # A talkgen.runtime.memory.MemoryManager when a memory tier keeps encoders off the GPU
+        # between uses (None: everything stays where it was loaded).
+        self.memory = memory
+        # (prompt, negative prompt) -> umT5 embeddings, least recently used dropped first: a
+        # service's repeated prompts skip the text encoder.
+        self._text_cache: OrderedDict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.text_cache_size = text_cache_size
 
     @property
     def is_infinitetalk(self) -> bool:
@@ -155,42 +169,88 @@ class Pipeline:
         dtype: torch.dtype | None = None,
         loras: list[tuple[str | Path, float]] | None = None,
         quant_file: str | Path | None = None,
+        memory: str | None = None,
+        vram_budget_gb: float | None = None,
+        fp8: bool | str | None = None,
         progress: ProgressCallback = no_progress,
+        parallel=None,
     ) -> Pipeline:
         """Load every component from a weights directory (see :mod:`talkgen.pipeline.loading`).
 
         ``model="tiny"`` materialises the built-in tiny model in ``weights_dir`` first.
         ``loras``: (file, scale) pairs merged into the DiT weights after loading.
         ``quant_file``: one of the reference's quantized DiT files, dequantized at load.
+        ``memory``: ``"auto"`` (default), ``"resident"``, ``"offload-encoders"``, ``"fp8"`` or
+        ``"stream-blocks"``; ``vram_budget_gb``: peak GPU memory to stay under (GiB); ``fp8``:
+        ``"auto"`` (default: on where supported), ``True``/``"on"`` or ``False``/``"off"``. Unset,
+        they come from ``TALKGEN_MEMORY``, ``TALKGEN_VRAM_BUDGET_GB``, ``TALKGEN_FP8`` (see
+        :mod:`talkgen.runtime.memory`).
+        ``parallel``: a :class:`~talkgen.runtime.parallel.SequenceParallel` group; every rank calls
+        this and then :meth:`generate` (:class:`talkgen.runtime.launch.ParallelPipeline`): rank 0
+        runs the pipeline, the other ranks keep only the DiT and run their shard of its forwards.
         """
         from talkgen.pipeline.loading import is_tiny, load_components
         from talkgen.runtime.compile import compile_blocks, compile_enabled
 
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        if parallel is not None and model == "tiny":  # rank 0 writes the tiny model, once
+            from talkgen.pipeline.tiny import ensure_tiny_weights
+
+            if parallel.rank == 0:
+                ensure_tiny_weights(Path(weights_dir))
+            parallel.barrier()
+        from talkgen.runtime.memory import apply_plan, resolve_plan
+
+        plan = resolve_plan(device, memory, vram_budget_gb, fp8, tiny=is_tiny(Path(weights_dir)), dtype=dtype)
+        # Components that will not stay whole on the GPU are loaded on the host first.
+        host = torch.device("cpu")
+        follower = parallel is not None and parallel.rank != 0  # runs DiT shards only
         components = load_components(Path(weights_dir), model, people=people, device=device, dtype=dtype,
-                                     quant_file=quant_file, progress=progress)
+                                     quant_file=quant_file, progress=progress,
+                                     dit_device=host if plan.tier == "stream-blocks" or plan.fp8 else device,
+                                     encoder_device=host if plan.offload_encoders or follower else device)
+        if follower:  # the encoders and the VAE run once, on rank 0
+            components.update(vae=None, text_encoder=None, image_encoder=None, audio_encoder=None)
         if loras:
             from talkgen.weights.lora import merge_loras
 
             merge_loras(components["dit"], [(str(path), scale) for path, scale in loras])
+        components["memory"] = apply_plan(components, plan, device)
         if compile_enabled(device.type):
-            compile_blocks(components["dit"].blocks)
+            # Streamed blocks move their weights in forward hooks: compile only their forward.
+            compile_blocks(components["dit"].blocks, forward_only=plan.tier == "stream-blocks")
+        extra = {}
+        if parallel is not None:
+            from talkgen.runtime.launch import ParallelPipeline
+            from talkgen.runtime.parallel import ParallelDiT
+
+            cls, extra["parallel"] = ParallelPipeline, ParallelDiT(components["dit"], parallel)
         return cls(**components, model="multitalk" if model == "tiny" else model, device=device,
-                   bucket_divisor=4 if is_tiny(Path(weights_dir)) else 1)
+                   bucket_divisor=4 if is_tiny(Path(weights_dir)) else 1, **extra)
 
     # -- stages ------------------------------------------------------------------------------
 
     def encode_text(self, prompt: str, negative_prompt: str = "") -> tuple[torch.Tensor, torch.Tensor]:
         """umT5 embeddings of the prompt and the negative prompt (cached by text)."""
         negative = negative_prompt or DEFAULT_NEGATIVE_PROMPT
-        missing = [t for t in dict.fromkeys((prompt, negative)) if t not in self._text_cache]
-        if missing:
-            if self.text_encoder is None:
-                raise InputError("No text encoder is loaded: pass `context` and `context_null` instead.")
-            for text, embedding in zip(missing, self.text_encoder.encode(missing)):
-                self._text_cache[text] = embedding
-        return self._text_cache[prompt], self._text_cache[negative]
+        key = (prompt, negative)
+        if key in self._text_cache:
+            self._text_cache.move_to_end(key)
+            return self._text_cache[key]
+        if self.text_encoder is None:
+            raise InputError("No text encoder is loaded: pass `context` and `context_null` instead.")
+        texts = list(dict.fromkeys(key))
+        with self._using(self.text_encoder):
+            embeddings = dict(zip(texts, self.text_encoder.encode(texts)))
+        self._text_cache[key] = (embeddings[prompt], embeddings[negative])
+        while len(self._text_cache) > max(self.text_cache_size, 0):
+            self._text_cache.popitem(last=False)
+        return embeddings[prompt], embeddings[negative]
+
+    def _using(self, component):
+        """A context in which ``component`` (an encoder or the VAE) is on the GPU."""
+        return self.memory.using(component) if self.memory is not None else nullcontext()
 
     def encode_audio(self, tracks: list[np.ndarray]) -> list[torch.Tensor]:
         """wav2vec2 features at 25 fps for each speaker's 16 kHz track: [frames, layers, channels]."""
@@ -202,7 +262,8 @@ class Pipeline:
         """ViT tokens of one condition frame [3, H, W] in [-1, 1] -> [1, N, image_dim]."""
         if self.image_encoder is None:
             raise InputError("No image encoder is loaded: pass `encode_image` instead.")
-        return self.image_encoder.encode(frame[:, None].to(self.device))
+        with self._using(self.image_encoder):
+            return self.image_encoder.encode(frame[:, None].to(self.device))
 
     def condition(self, frames: torch.Tensor, frame_num: int) -> tuple[torch.Tensor, torch.Tensor]:
         """VAE latent of the known frames followed by zeros, with the mask channels.
@@ -212,17 +273,20 @@ class Pipeline:
         """
         _, known, height, width = frames.shape
         padded = torch.cat([frames, frames.new_zeros(3, frame_num - known, height, width)], dim=1)
-        latent = self.vae.encode(padded.to(self.vae.device)).float()
+        with self._using(self.vae):
+            latent = self.vae.encode(padded.to(self.vae.device)).float()
         mask = frame_mask(frame_num, known, height // 8, width // 8).to(latent.device)
         return torch.cat([mask, latent], dim=0), latent[:, : 1 + (known - 1) // 4]
 
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """VAE latents of pixel frames [3, n, H, W] on their own (InfiniteTalk's clean context)."""
-        return self.vae.encode(frames.to(self.vae.device)).float()
+        with self._using(self.vae):
+            return self.vae.encode(frames.to(self.vae.device)).float()
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Latent [16, T, h, w] -> video [3, F, H, W] in [-1, 1] (float32)."""
-        return self.vae.decode(latent.to(self.vae.device, self.vae.dtype)).float()
+        with self._using(self.vae):
+            return self.vae.decode(latent.to(self.vae.device, self.vae.dtype)).float()
 
     def sample_chunk(
         self,
@@ -292,16 +356,21 @@ class Pipeline:
             key = inputs["audio"].shape[0] if self.batch_passes else name
             groups.setdefault(key, []).append(name)
         preds = {}
+        forward = self.dit if self.parallel is None else self.parallel
         for names in groups.values():
             audio = torch.stack([passes[n]["audio"] for n in names])
             batch = len(names)
+            runner = None
+            if cache is not None:
+                runner = cache.runner(names, step)
+                runner.teacache = (cache, names, step)  # what the other ranks of a ParallelDiT mirror
             with torch.no_grad():
-                out = self.dit(
+                out = forward(
                     x=latent[None].expand(batch, *latent.shape), t=t.expand(batch),
                     y=cond.y[None].expand(batch, *cond.y.shape), context=[passes[n]["context"] for n in names],
                     clip_fea=cond.clip_tokens.expand(batch, -1, -1), audio=audio,
                     ref_target_masks=cond.person_masks if audio.shape[1] == 2 else None,
-                    block_runner=cache.runner(names, step) if cache is not None else None,
+                    block_runner=runner,
                 )
             preds.update(zip(names, out.unbind(0)))
         return preds
@@ -466,8 +535,15 @@ class Pipeline:
         if not options.streaming and audio_frames > options.frame_num:
             notes.append(f"the speech lasts {audio_frames / FPS:.2f} s; clip mode made the first "
                          f"{options.frame_num / FPS:.2f} s (use mode 'streaming' for all of it)")
-        chunks = self.stream(inputs.frames, embeddings, context=context, context_null=context_null, options=options,
-                             person_masks=inputs.person_masks, noise=SeededNoise(seed), resume=resume, progress=progress)
+        if inputs.shots is not None:  # scene_seg: every shot of the source dubbed on its own
+            from talkgen.pipeline.shots import stream_shots
+
+            chunks = stream_shots(self, inputs.frames, inputs.shots, embeddings, context=context, context_null=context_null,
+                                  options=options, person_masks=inputs.person_masks, noise=SeededNoise(seed),
+                                  resume=resume, progress=progress, notes=notes)
+        else:
+            chunks = self.stream(inputs.frames, embeddings, context=context, context_null=context_null, options=options,
+                                 person_masks=inputs.person_masks, noise=SeededNoise(seed), resume=resume, progress=progress)
         kept: list[np.ndarray] = []
         total = 0
         writer = partial = None
@@ -520,6 +596,9 @@ class Pipeline:
                 raise InputError(f"{path} is a video: video dubbing needs model 'infinitetalk'; MultiTalk takes a portrait image.")
             source: FrameSource = VideoFrames(path=path)
         else:
+            if request.scene_seg:
+                raise InputError(f"{path} is an image: scene_seg splits a video into shots; give a video to dub "
+                                 "(cond_video) or leave scene_seg off.")
             source = StillImage(load_image(path))
         src_h, src_w = source.size
         bucket_h, bucket_w = choose_bucket(src_h, src_w, request.size)
@@ -527,8 +606,14 @@ class Pipeline:
         masks = person_masks(src_h, src_w, target, request.people, request.bbox) if request.people == 2 else None
         progress(ProgressEvent("audio"))
         tracks, soundtrack, rate, name = load_request_audio(request)
+        shots = None
+        if request.scene_seg:
+            from talkgen.pipeline.shots import detect_request_shots
+
+            progress(ProgressEvent("scenes"))
+            shots = detect_request_shots(path, request, min(len(t) for t in tracks) / SPEECH_RATE)
         return PreparedInputs(frames=BucketedFrames(source, target), person_masks=masks, tracks=tracks,
-                              soundtrack=soundtrack, soundtrack_rate=rate, speech_name=name)
+                              soundtrack=soundtrack, soundtrack_rate=rate, speech_name=name, shots=shots)
 
 
 @dataclass
@@ -539,6 +624,7 @@ class PreparedInputs:
     soundtrack: np.ndarray  # what is muxed into the video
     soundtrack_rate: int
     speech_name: str
+    shots: ShotList | None = None  # scene_seg: the source video's shots
 
     def soundtrack_from(self, first_frame: int) -> np.ndarray:
         """The soundtrack from the video's ``first_frame`` on (a resumed stream starts later)."""

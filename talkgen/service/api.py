@@ -9,6 +9,7 @@ Errors are the engine's own sentences: ``InputError`` -> 422 (413 for a body ove
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
 import threading
@@ -22,14 +23,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.datastructures import UploadFile
 
 from talkgen import __version__
 from talkgen.errors import InputError, ResourceError, TalkgenError, WeightsError
+from talkgen.service import live
 from talkgen.service.intake import Intake, UploadTooLarge, parse_params
 from talkgen.service.jobs import Job, JobStore
 from talkgen.service.schemas import (INPUT_FIELDS, PRESET_NOTES, PRESETS, ErrorBody, Health, JobCreated, JobList,
-                                     JobView, Preset, S3JobRequest)
+                                     JobView, NotReadyBody, Preset, S3JobRequest)
 from talkgen.service.settings import Settings
 from talkgen.service.storage import Storage, open_storage
 
@@ -202,10 +205,11 @@ def authorize(request: Request, authorization: Annotated[str | None, Header()] =
     if not keys:
         return
     scheme, _, token = (authorization or "").partition(" ")
-    given = token.strip().encode()
+    # Digests first: equal lengths, so not even a key's length shows in the time taken.
+    given = hashlib.sha256(token.strip().encode()).digest()
     matched = False
     for key in keys:  # no early exit: the time taken does not depend on which key matched
-        matched |= hmac.compare_digest(given, key.get_secret_value().encode())
+        matched |= hmac.compare_digest(given, hashlib.sha256(key.get_secret_value().encode()).digest())
     if scheme.lower() != "bearer" or not matched:
         raise HTTPException(401, "A valid API key is required: send 'Authorization: Bearer KEY' (keys are set "
                                  "with TALKGEN_API_KEYS on the server).", headers={"WWW-Authenticate": "Bearer"})
@@ -241,8 +245,8 @@ def create_app(settings: Settings | None = None, queue_factory=None) -> FastAPI:
     async def talkgen_error(_request: Request, exc: TalkgenError):
         return error_response(status_of(exc), exc)
 
-    @app.exception_handler(HTTPException)
-    async def http_error(_request: Request, exc: HTTPException):
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's and Starlette's own (404, 405, bad multipart)
+    async def http_error(_request: Request, exc: StarletteHTTPException):
         return JSONResponse({"error": exc.detail, "type": "HTTPError"}, status_code=exc.status_code,
                             headers=exc.headers)
 
@@ -285,6 +289,12 @@ def create_app(settings: Settings | None = None, queue_factory=None) -> FastAPI:
                 if unknown:
                     raise InputError(f"Invalid request: {unknown[0]}: not a known field; send image (or video), "
                                      "audio, audio2 and params.")
+                twice = sorted(name for name in form.keys() if len(form.getlist(name)) > 1)
+                if twice:
+                    raise InputError(f"Invalid request: {twice[0]}: sent {len(form.getlist(twice[0]))} times; send "
+                                     "each field once (a second speaker is 'audio2').")
+                if isinstance(form.get("params"), UploadFile):
+                    raise InputError("Invalid request: params must be a text field holding a JSON object, not a file.")
                 uploads = {}
                 for name in INPUT_FIELDS:
                     value = form.get(name)
@@ -299,11 +309,9 @@ def create_app(settings: Settings | None = None, queue_factory=None) -> FastAPI:
             try:
                 body = S3JobRequest.model_validate_json(await request.body())
             except ValueError as exc:
-                from pydantic import ValidationError
+                from talkgen.service.intake import describe_body_error
 
-                from talkgen.pipeline.request import describe_validation_error
-                message = describe_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
-                raise InputError(message) from None
+                raise InputError(describe_body_error(exc)) from None
             job = await run_in_threadpool(svc.intake.submit_s3, body)
         else:
             raise InputError("Send the job as multipart/form-data (files image, audio, audio2, params) or as "
@@ -314,7 +322,7 @@ def create_app(settings: Settings | None = None, queue_factory=None) -> FastAPI:
     @app.get("/v1/jobs", response_model=JobList, dependencies=Authorized, summary="Recent jobs, newest first")
     def list_jobs(svc: ServiceDep, status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
                   limit: Annotated[int, Query(ge=1, le=500)] = 50,
-                  offset: Annotated[int, Query(ge=0)] = 0) -> JobList:
+                  offset: Annotated[int, Query(ge=0, le=2**31)] = 0) -> JobList:
         return JobList(jobs=[JobView.of(j) for j in svc.store.list(status, limit, offset)])
 
     @app.get("/v1/jobs/{job_id}", response_model=JobView, dependencies=Authorized, summary="Status and progress")
@@ -350,7 +358,8 @@ def create_app(settings: Settings | None = None, queue_factory=None) -> FastAPI:
 
     @app.get("/v1/jobs/{job_id}/video", dependencies=Authorized, summary="The mp4 (or a redirect to S3)",
              responses={200: {"content": {"video/mp4": {}}}, 307: {"description": "presigned S3 URL"},
-                        409: {"model": ErrorBody}})
+                        409: {"model": NotReadyBody, "description": "no mp4 yet (`Retry-After`); a streaming job's "
+                                                                    "`live_url` plays the part finished so far"}})
     def get_video(job_id: str, svc: ServiceDep):
         job = svc.job(job_id)
         if job.status != "succeeded":
@@ -365,6 +374,35 @@ def create_app(settings: Settings | None = None, queue_factory=None) -> FastAPI:
         if chunk is None:
             raise HTTPException(404, f"Job {job_id} has no finished chunk {index} (it has {len(job.chunks)}).")
         return serve_object(svc.storage, chunk["uri"], f"talkgen-{job.id}-{index:05d}.mp4")
+
+    @app.get("/v1/jobs/{job_id}/live.m3u8", dependencies=Authorized,
+             summary="The part finished so far as an HLS playlist (streaming jobs), watchable while the job runs",
+             response_description="`EVENT` playlist of the finished chunks' segments; `EXT-X-ENDLIST` once the job "
+                                  "has ended. Segments are `live/<n>.ts` here, or presigned URLs when results are in S3",
+             responses={200: {"content": {live.PLAYLIST_TYPE: {}}}, 404: {"model": ErrorBody}})
+    def get_live_playlist(job_id: str, svc: ServiceDep):
+        job = svc.job(job_id)
+        if not live.is_streaming(job):
+            raise HTTPException(404, f"Job {job_id} is a clip (mode 'clip'): it is made in one piece, so there is no "
+                                     f"live playlist; its mp4 is at /v1/jobs/{job_id}/video once it has succeeded.")
+
+        def segment_url(chunk: dict) -> str:
+            name = f"talkgen-{job.id}-{chunk['index']:05d}.ts"
+            return svc.storage.download_url(chunk["segment"], name) or f"live/{chunk['index']:05d}.ts"
+
+        return Response(live.playlist(job, segment_url), media_type=live.PLAYLIST_TYPE,
+                        headers={"Cache-Control": "no-cache"})
+
+    @app.get("/v1/jobs/{job_id}/live/{index}.ts", dependencies=Authorized,
+             summary="One segment of the live playlist (MPEG-TS: one finished chunk, h264 + AAC)",
+             responses={200: {"content": {live.SEGMENT_TYPE: {}}}, 307: {"description": "presigned S3 URL"}})
+    def get_live_segment(job_id: str, index: int, svc: ServiceDep):
+        job = svc.job(job_id)
+        chunk = next((c for c in live.segments(job) if c["index"] == index), None)
+        if chunk is None:
+            raise HTTPException(404, f"Job {job_id} has no live segment {index} (it has {len(live.segments(job))}): "
+                                     f"read /v1/jobs/{job_id}/live.m3u8 for the segments there are.")
+        return serve_object(svc.storage, chunk["segment"], f"talkgen-{job.id}-{index:05d}.ts", live.SEGMENT_TYPE)
 
     @app.delete("/v1/jobs/{job_id}", response_model=JobView, dependencies=Authorized,
                 summary="Cancel: a queued job ends now, a running one at its next step")
@@ -408,28 +446,40 @@ def create_app(settings: Settings | None = None, queue_factory=None) -> FastAPI:
     return app
 
 
-def serve_object(storage: Storage, uri: str, filename: str):
+def serve_object(storage: Storage, uri: str, filename: str, media_type: str = "video/mp4"):
     url = storage.download_url(uri, filename)
     if url is not None:
         return RedirectResponse(url, status_code=307)
     path = storage.local_path(uri)
     if path is None or not path.is_file():
         raise HTTPException(410, f"The stored file {uri} is gone from storage.")
-    return FileResponse(path, media_type="video/mp4", filename=filename, content_disposition_type="inline")
+    return FileResponse(path, media_type=media_type, filename=filename, content_disposition_type="inline")
 
 
 def not_ready(job: Job) -> JSONResponse:
+    """409 while there is no mp4. A streaming job's answer names its live playlist (``live_url``),
+    where the part finished so far plays: a client asking for the mp4 gets JSON it can act on, not
+    a playlist in place of a video file."""
+    body = {"type": "NotReady"}
+    if live.is_streaming(job):
+        body["live_url"] = live.playlist_path(job.id)
     if job.status in ("failed", "cancelled"):
         message = f"Job {job.id} {job.status}: {job.error or 'no video was made'}"
-        return JSONResponse({"error": message, "type": "NotReady"}, status_code=409)
+        if job.chunks and live.is_streaming(job):
+            message += f" (the {len(job.chunks)} chunk(s) it finished play from {body['live_url']})"
+        return JSONResponse({"error": message, **body}, status_code=409)
     where = ""
     if job.progress:
         p = job.progress
         where = f" ({p['stage']} {p['step']}/{p['total']})" if p.get("total") else f" ({p['stage']})"
-    hint = (f"; {len(job.chunks)} finished chunk(s) can be watched at /v1/jobs/{job.id}/chunks/N" if job.chunks else "")
+    hint = ""
+    if "live_url" in body:
+        hint = f"; the part finished so far plays from the HLS playlist {body['live_url']}, which grows as it is made"
+        if job.chunks:
+            hint += f" ({len(job.chunks)} finished chunk(s), also each at /v1/jobs/{job.id}/chunks/N)"
     message = (f"Job {job.id} is {job.status}{where}: the video is not ready yet{hint}. "
                f"Follow /v1/jobs/{job.id}/events or try again later.")
-    return JSONResponse({"error": message, "type": "NotReady"}, status_code=409, headers={"Retry-After": "5"})
+    return JSONResponse({"error": message, **body}, status_code=409, headers={"Retry-After": "5"})
 
 
 def serve(settings: Settings) -> None:

@@ -8,10 +8,11 @@ and the job is handed back to the queue. Where it reports to is a :class:`Report
 directly (embedded worker) or Redis (``talkgen worker``, see :mod:`talkgen.service.queue`).
 
 Streaming jobs: every finished chunk (the pipeline's ``on_chunk``) is written to storage at once
-as its own mp4 plus the state the stream resumes from, and ``jobs/<id>/resume.json`` lists them.
-The part made so far is watchable (``GET /v1/jobs/{id}/chunks/{n}``), and a job taken up again
-after its worker died resumes after its last finished chunk; the final mp4 is then the finished
-chunks followed by the rest.
+as its own mp4, as an HLS segment, and with the state the stream resumes from, and
+``jobs/<id>/resume.json`` lists them. The part made so far is watchable (the live playlist
+``GET /v1/jobs/{id}/live.m3u8``, see :mod:`talkgen.service.live`, or chunk by chunk at
+``GET /v1/jobs/{id}/chunks/{n}``), and a job taken up again after its worker died resumes after
+its last finished chunk; the final mp4 is then the finished chunks followed by the rest.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def worker_name(device: str | None = None) -> str:
 
 # Share of a one-chunk job's time each stage ends at (for a progress bar; sampling dominates).
 STAGE_END = {"stored": 0.0, "load": 0.0, "audio": 0.02, "text": 0.04, "image": 0.05, "condition": 0.06,
-             "sample": 0.94, "decode": 0.98, "write": 1.0}
+             "sample": 0.94, "decode": 0.98, "write": 1.0, "upload": 1.0}
 
 
 class ProgressTracker:
@@ -164,6 +165,9 @@ class GenerationWorker:
 
     def load(self) -> None:
         from talkgen.pipeline.pipeline import Pipeline
+        from talkgen.service.faults import sweep_stale_temp
+
+        sweep_stale_temp()  # temporary folders of workers that were killed (-9) on this machine
 
         try:
             weights = self.settings.weights_dir
@@ -171,8 +175,11 @@ class GenerationWorker:
                 from talkgen.pipeline.tiny import ensure_tiny_weights
 
                 ensure_tiny_weights(weights)
+            from talkgen.runtime.launch import launched_parallel
+
+            # `talkgen worker|serve --gpus N`: this is rank 0 of N; the other ranks run DiT shards
             self.pipeline = Pipeline.from_pretrained(weights, self.settings.model, people=self.settings.people,
-                                                     device=self.device)
+                                                     device=self.device, parallel=launched_parallel())
         except Exception as exc:
             self.state, self.error = "failed", str(exc) if isinstance(exc, TalkgenError) else f"{type(exc).__name__}: {exc}"
             raise
@@ -198,20 +205,24 @@ class GenerationWorker:
     def _generate(self, order: JobOrder, reporter: Reporter, stopping: threading.Event) -> tuple[str, dict]:
         from talkgen.pipeline.request import GenerationRequest
 
+        from talkgen.service import faults
+
         job_id = order.job_id
         tracker = ProgressTracker()
+        prompt = str(order.params.get("prompt") or "")
 
         def progress(event: ProgressEvent) -> None:
             if reporter.should_cancel(job_id):
                 raise Cancelled()
             if stopping.is_set():
                 raise Stopping()
+            faults.inject(self.settings.faults, event.stage, prompt)  # tests only; nothing when unset
             data = tracker(event)
             if tracker.due(data):
                 reporter.progress(job_id, data)
 
         try:
-            with tempfile.TemporaryDirectory(prefix=f"talkgen-{job_id}-") as tmp:
+            with tempfile.TemporaryDirectory(prefix=faults.temp_prefix("job", job_id)) as tmp:
                 tmp = Path(tmp)
                 paths = {name: self.storage.fetch(uri, tmp / "inputs" / f"{name}{_suffix(uri)}")
                          for name, uri in order.inputs.items()}
@@ -231,7 +242,9 @@ class GenerationWorker:
                 if sink is not None and sink.resumed:
                     output, frames = sink.stitch(output, result.audio, tmp / "whole.mp4")
                 size = output.stat().st_size
-                uri = self.storage.put_file(f"jobs/{job_id}/video.mp4", output, "video/mp4")
+                reporter.progress(job_id, tracker(ProgressEvent("upload")))
+                uri = faults.store_result(self.storage, self.settings, f"jobs/{job_id}/video.mp4", output,
+                                          "video/mp4", prompt)
             return "succeeded", {"uri": uri, "frames": frames, "fps": result.fps, "bytes": size,
                                  "duration_s": round(frames / result.fps, 3), "seed": result.seed,
                                  "notes": list(getattr(result, "notes", []) or [])}
@@ -241,22 +254,26 @@ class GenerationWorker:
             return "requeued", {"graceful": True, "reason": "its worker shut down; it will start again"}
         except TalkgenError as exc:
             return "failed", {"error": str(exc)}
-        except Exception as exc:  # a bug: fail the job with the reason, keep the worker alive
-            log.exception("job %s failed", job_id)
-            return "failed", {"error": f"internal error: {type(exc).__name__}: {exc}"}
+        except Exception as exc:  # out of memory, disk full, or a bug: fail the job, keep the worker alive
+            reason = faults.failure_reason(exc, self.device)
+            if reason is None:
+                log.exception("job %s failed", job_id)
+            return "failed", {"error": reason or f"internal error: {type(exc).__name__}: {exc}"}
         finally:
             _release_memory()
 
 
 class ChunkSink:
     """The pipeline's ``on_chunk``: each finished chunk of a streaming job goes to storage at once
-    (``jobs/<id>/chunks/<index>.mp4`` with its stretch of the soundtrack, and
+    (``jobs/<id>/chunks/<index>.mp4`` with its stretch of the soundtrack, the same h264 with its
+    packets of the whole soundtrack as the live segment ``jobs/<id>/live/<index>.ts``, and
     ``<index>.state.safetensors``, what the stream resumes from), then ``jobs/<id>/resume.json``
     is rewritten to list every finished chunk, then the chunk is reported."""
 
     def __init__(self, job_id: str, reporter: Reporter, storage: Storage, tmp: Path, tracker: ProgressTracker):
         self.job_id, self.reporter, self.storage, self.tmp, self.tracker = job_id, reporter, storage, tmp, tracker
         self.soundtrack, self.rate = None, SPEECH_RATE  # filled by capture_soundtrack
+        self.aac = None  # the soundtrack as one AAC stream, cut between the live segments
         self.done: list[dict] = []
         self.before: list[dict] = []  # chunks an earlier attempt finished
         self.resumed = False
@@ -280,21 +297,28 @@ class ChunkSink:
         return load_chunk_state(self.storage.fetch(last["state"], self.tmp / "resume.state.safetensors"))
 
     def __call__(self, chunk) -> None:
-        from talkgen.media.video import write_mp4
+        from talkgen.media.video import AacTrack, write_mp4, write_ts_segment
+        from talkgen.service.live import segment_key
 
-        index, frames, first = int(chunk.index), chunk.frames, int(chunk.first_frame)
+        index, frames, first, total = int(chunk.index), chunk.frames, int(chunk.first_frame), int(chunk.total_frames)
         audio = None
         if self.soundtrack is not None:
             start, end = (round(f * self.rate / FPS) for f in (first, first + len(frames)))
             audio = self.soundtrack[start:end]
-        video = write_mp4(self.tmp / f"chunk-{index:05d}.mp4", frames, audio, self.rate, fps=FPS)
+            if self.aac is None:
+                self.aac = AacTrack(self.soundtrack, self.rate, total, fps=FPS)
+        # No B-frames: the segment reuses this h264, and its decode order must be its frame order.
+        video = write_mp4(self.tmp / f"chunk-{index:05d}.mp4", frames, audio, self.rate, fps=FPS, b_frames=False)
+        segment = write_ts_segment(self.tmp / f"chunk-{index:05d}.ts", video, first, self.aac,
+                                   last=first + len(frames) >= total, fps=FPS)
         state = save_chunk_state(chunk.state, self.tmp / f"chunk-{index:05d}.state.safetensors")
-        record = {"index": index, "frames": len(frames), "first_frame": first, "total_frames": int(chunk.total_frames),
+        record = {"index": index, "frames": len(frames), "first_frame": first, "total_frames": total,
                   "duration_s": round(len(frames) / FPS, 3),
                   "uri": self.storage.put_file(self.key(f"chunks/{index:05d}.mp4"), video, "video/mp4"),
+                  "segment": self.storage.put_file(segment_key(self.job_id, index), segment, "video/mp2t"),
                   "state": self.storage.put_file(self.key(f"chunks/{index:05d}.state.safetensors"), state)}
-        video.unlink(missing_ok=True)
-        state.unlink(missing_ok=True)
+        for path in (video, segment, state):
+            path.unlink(missing_ok=True)
         self.done = [c for c in self.done if c["index"] < index] + [record]
         marker = self.tmp / "resume.json"
         marker.write_text(json.dumps({"chunks": self.done}))

@@ -167,3 +167,32 @@ def test_live_segments_of_consecutive_chunks_play_as_one_stream(tmp_path: Path) 
     step = Fraction(AAC_FRAME, SR)
     assert audio == [SEGMENT_CLOCK_START - step + i * step for i in range(len(audio))]  # priming first, no gaps
     assert audio[-1] + step >= SEGMENT_CLOCK_START + Fraction(total, fps)  # the audio covers the video
+
+
+@pytest.mark.parametrize("codec,container", [("libsvtav1", "mp4"), ("libvpx-vp9", "webm"), ("mpeg4", "avi")])
+def test_dubbing_sources_in_other_codecs_are_read(tmp_path: Path, codec: str, container: str) -> None:
+    """Source videos to dub arrive as AV1 (phones, YouTube downloads), VP9 webm or old AVI: PyAV
+    decodes them directly, with the frame count and fps the pipeline plans chunks from."""
+    import av
+
+    from talkgen.media.video import iter_video_frames, probe_media
+
+    if codec not in av.codecs_available:
+        pytest.skip(f"this PyAV build has no {codec} encoder")
+    path = tmp_path / f"source.{container}"
+    frames = np.zeros((12, 64, 96, 3), dtype=np.uint8)
+    for i, frame in enumerate(frames):
+        frame[:, : 8 * (i + 1)] = 200  # a bar that grows one step a frame
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=25)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    info = probe_media(path)
+    assert info.video.frames == 12 and round(info.video.fps) == 25
+    decoded = np.stack(list(iter_video_frames(path)))
+    assert decoded.shape == frames.shape
+    assert np.abs(decoded.astype(int) - frames.astype(int)).mean() < 12  # lossy, but the same pictures

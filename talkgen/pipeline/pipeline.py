@@ -202,7 +202,7 @@ class Pipeline:
             parallel.barrier()
         from talkgen.runtime.memory import apply_plan, resolve_plan
 
-        plan = resolve_plan(device, memory, vram_budget_gb, fp8, tiny=is_tiny(Path(weights_dir)), dtype=dtype)
+        plan = resolve_plan(device, memory, vram_budget_gb, fp8, tiny=model == "tiny" or is_tiny(Path(weights_dir)), dtype=dtype)
         # Components that will not stay whole on the GPU are loaded on the host first.
         host = torch.device("cpu")
         follower = parallel is not None and parallel.rank != 0  # runs DiT shards only

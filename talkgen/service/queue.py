@@ -128,6 +128,8 @@ class EmbeddedQueue:
             if job is None or job.terminal:
                 continue
             worker.run(order_of(job), self.reporter, self._stopping)
+            if worker.broken:  # a sequence-parallel group out of step: this worker takes no more jobs
+                return
 
     def health(self) -> list[dict]:
         return [{"name": w.name, "device": w.device, "state": w.state, "job": w.current, "error": w.error}
@@ -366,6 +368,8 @@ def run_redis_worker(settings: Settings, storage: Storage, stop: threading.Event
 
     def generate(order: dict) -> None:
         generator.run(JobOrder.from_dict(order), reporter, stopping)
+        if generator.broken:  # exit, so that whatever supervises the worker starts a fresh one
+            stop.set()
 
     dramatiq.actor(generate, actor_name=ACTOR, queue_name=settings.queue_name, broker=broker)
     worker = dramatiq.Worker(broker, worker_threads=1, worker_timeout=500)
@@ -382,3 +386,5 @@ def run_redis_worker(settings: Settings, storage: Storage, stop: threading.Event
         worker.stop(timeout=60_000)
         client.hdel(f"{settings.queue_name}:workers", broker.broker_id)
         broker.close()
+    if generator.broken:
+        raise ResourceError(generator.error)

@@ -185,6 +185,13 @@ class GenerationWorker:
             raise
         self.state = "idle"
 
+    @property
+    def broken(self) -> str | None:
+        """Why this worker can take no more jobs, or None: a DiT forward that failed on rank 0 of a
+        sequence-parallel group (``--gpus N``) leaves the other ranks out of step, and only a new
+        process puts them back in step."""
+        return getattr(getattr(self.pipeline, "parallel", None), "broken", None)
+
     def run(self, order: JobOrder, reporter: Reporter, stopping: threading.Event) -> str:
         """Run one job if the reporter says so; returns what became of it."""
         if not reporter.start(order, self.name):
@@ -200,6 +207,9 @@ class GenerationWorker:
         reporter.finish(order, outcome, data)
         log.info("job %s: %s after %.1f s%s", order.job_id, outcome, time.monotonic() - started,
                  f" ({data['error']})" if "error" in data else "")
+        if self.broken:
+            self.state, self.error = "failed", f"the GPUs of this worker are out of step ({self.broken}): restart it"
+            log.error("worker %s: %s", self.name, self.error)
         return outcome
 
     def _generate(self, order: JobOrder, reporter: Reporter, stopping: threading.Event) -> tuple[str, dict]:

@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import cuda_time, median  # noqa: E402
 from talkgen.kernels import attention_triton as kernels  # noqa: E402
 from talkgen.kernels.attention_triton import Config  # noqa: E402
 
@@ -96,18 +96,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def cuda_median(fn, warmup: int = 1, reps: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+    return median(cuda_time(fn, warmup=warmup, reps=reps))
 
 
 def tflops(B: int, H: int, L: int, D: int, seconds: float) -> float:

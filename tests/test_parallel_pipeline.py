@@ -147,6 +147,28 @@ def test_cli_generate_gpus_2_on_cpu(tiny_weights: Path, inputs: dict, tmp_path: 
     assert result.exit_code == 1
 
 
+class RecordingReporter:
+    """A worker's reporter that runs every job it is given and records how each ended."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[tuple[str, str, dict]] = []
+
+    def start(self, order, worker) -> bool:
+        return True
+
+    def progress(self, job_id, data) -> None:
+        pass
+
+    def chunk(self, job_id, data) -> None:
+        pass
+
+    def finish(self, order, kind, data) -> None:
+        self.outcomes.append((order.job_id, kind, data))
+
+    def should_cancel(self, job_id) -> bool:
+        return False
+
+
 def _worker_rank(rank: int, world: int, port: int, weights: str, data_dir: str, inputs: dict, out: str) -> None:
     from talkgen.cli import follow_rank_zero
     from talkgen.runtime.launch import launched_parallel, shutdown
@@ -161,25 +183,9 @@ def _worker_rank(rank: int, world: int, port: int, weights: str, data_dir: str, 
     from talkgen.service.storage import open_storage
     from talkgen.service.worker import GenerationWorker, JobOrder
 
-    class Reporter:
-        def start(self, order, worker):
-            return True
-
-        def progress(self, job_id, data):
-            pass
-
-        def chunk(self, job_id, data):
-            pass
-
-        def finish(self, order, kind, data):
-            outcomes.append((order.job_id, kind, data))
-
-        def should_cancel(self, job_id):
-            return False
-
     import threading
 
-    outcomes: list = []
+    reporter = RecordingReporter()
     storage = open_storage(settings)
     uris = {name: storage.put_file(f"in/{path.name}", path) for name, path in inputs.items()}
     worker = GenerationWorker(settings, storage, device="cpu")
@@ -188,15 +194,15 @@ def _worker_rank(rank: int, world: int, port: int, weights: str, data_dir: str, 
     not_audio = dict(uris, audio=uris["image"])
     jobs = [JobOrder("ok1", fast, uris), JobOrder("bad", fast, not_audio), JobOrder("ok2", fast, uris)]
     for order in jobs:
-        worker.run(order, Reporter(), threading.Event())
+        worker.run(order, reporter, threading.Event())
     shutdown()  # releases rank 1, as at the end of `talkgen worker`
-    Path(out).write_text(json.dumps(outcomes))
+    Path(out).write_text(json.dumps(reporter.outcomes))
 
 
 @pytest.mark.slow
 def test_worker_spanning_two_ranks(tiny_weights: Path, inputs: dict, tmp_path: Path) -> None:
     """Rank 0 runs the jobs, rank 1 only DiT shards; a failed job leaves them in step."""
-    out = tmp_path / "outcomes.pt"
+    out = tmp_path / "outcomes.json"
     mp.spawn(_worker_rank, args=(2, _free_port(), str(tiny_weights), str(tmp_path / "data"), inputs, str(out)),
              nprocs=2, join=True)
     outcomes = json.loads(out.read_text())
@@ -227,30 +233,12 @@ def test_worker_takes_no_more_jobs_once_its_gpus_are_out_of_step(inputs: dict, t
             group.broken = "RuntimeError: simulated failure inside a DiT forward"
             raise RuntimeError("simulated failure inside a DiT forward")
 
-    class Reporter:
-        outcomes: list = []
-
-        def start(self, order, worker):
-            return True
-
-        def progress(self, job_id, data):
-            pass
-
-        def chunk(self, job_id, data):
-            pass
-
-        def finish(self, order, kind, data):
-            self.outcomes.append((kind, data))
-
-        def should_cancel(self, job_id):
-            return False
-
     import threading
 
     worker = GenerationWorker(settings, storage, device="cpu")
     worker.pipeline, worker.state = FailingPipeline(), "idle"
     assert worker.broken is None
-    reporter = Reporter()
+    reporter = RecordingReporter()
     outcome = worker.run(JobOrder("job1", {"sample_steps": 1, "frame_num": 5}, uris), reporter, threading.Event())
-    assert outcome == "failed" and "simulated failure" in reporter.outcomes[0][1]["error"]
+    assert outcome == "failed" and "simulated failure" in reporter.outcomes[0][2]["error"]
     assert worker.broken and worker.state == "failed" and "restart" in worker.error

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import on_device, peak_rss_gib, random_dit, save  # noqa: E402
 
 
-def build_pipeline(people: int, fp8: bool = False):
+def build_pipeline(people: int, fp8: bool = False, memory: str | None = None, budget_gb: float | None = None):
     from transformers import AutoTokenizer, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
     from talkgen.models import image_encoder as ie
@@ -32,12 +32,6 @@ def build_pipeline(people: int, fp8: bool = False):
     from talkgen.runtime.compile import compile_blocks
 
     dit = random_dit(DiTConfig.wan_i2v_14b(), torch.bfloat16)
-    if fp8:  # torchao dynamic fp8, per-row scales, on every block linear (talkgen.runtime.fp8)
-        from talkgen.runtime.fp8 import quantize_fp8
-
-        for block in dit.blocks:
-            quantize_fp8(block)
-    compile_blocks(dit.blocks)
     text_config = te.TextEncoderConfig.umt5_xxl()
     tokenizer_dir = Path(tempfile.mkdtemp()) / "tok"
     te._write_tiny_tokenizer(tokenizer_dir)  # token ids are all that matter for timing
@@ -51,7 +45,24 @@ def build_pipeline(people: int, fp8: bool = False):
     vae_config = VAEConfig.wan21()
     vae = VideoVAE(on_device(vae_config.build, torch.float32), vae_config).to("cuda")
     audio = AudioEncoder(Wav2Vec2Model(Wav2Vec2Config()).eval(), Wav2Vec2FeatureExtractor(do_normalize=True))
-    return Pipeline(dit, vae, text, image, audio, model="multitalk", device="cuda")
+    components = dict(dit=dit, vae=vae, text_encoder=text, image_encoder=image, audio_encoder=audio)
+    manager = None
+    if memory:  # a tier applied as Pipeline.from_pretrained applies it (fp8, pinned host copies, streaming)
+        from talkgen.runtime.memory import apply_plan, estimate_sizes, free_device_memory, plan_memory
+
+        torch.cuda.empty_cache()
+        plan = plan_memory(memory, budget_gb, fp8=fp8, sizes=estimate_sizes(fp8=fp8),
+                           free_bytes=free_device_memory(torch.device("cuda")))
+        manager = apply_plan(components, plan, "cuda")
+        torch.cuda.empty_cache()
+        print("memory:", manager.describe() if hasattr(manager, "describe") else plan.describe(), flush=True)
+    elif fp8:  # torchao dynamic fp8, per-row scales, on every block linear (talkgen.runtime.fp8)
+        from talkgen.runtime.fp8 import quantize_fp8
+
+        for block in dit.blocks:
+            quantize_fp8(block)
+    compile_blocks(dit.blocks, forward_only=memory == "stream-blocks")
+    return Pipeline(**components, model="multitalk", device="cuda", memory=manager)
 
 
 def main() -> None:
@@ -62,6 +73,8 @@ def main() -> None:
     ap.add_argument("--shift", type=float, default=2.0)
     ap.add_argument("--seconds", type=float, default=3.3)
     ap.add_argument("--fp8", action="store_true", help="DiT block linears in fp8 (needs torchao, sm89+)")
+    ap.add_argument("--memory", default=None, help="a memory tier (talkgen.runtime.memory), e.g. stream-blocks")
+    ap.add_argument("--vram-budget", type=float, default=None, help="GiB, with --memory")
     a = ap.parse_args()
 
     import soundfile as sf
@@ -73,7 +86,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     Image.fromarray(sample_portrait((720, 1280))).save(tmp / "p.png")  # 16:9 -> the 448x896 bucket
     sf.write(tmp / "s.wav", sample_speech(a.seconds), 16_000)
-    pipe = build_pipeline(1, fp8=a.fp8)
+    pipe = build_pipeline(1, fp8=a.fp8, memory=a.memory, budget_gb=a.vram_budget)
     request = GenerationRequest.parse(dict(cond_image=str(tmp / "p.png"), cond_audio={"person1": str(tmp / "s.wav")},
                                            sample_steps=a.steps, text_guide_scale=a.text_scale,
                                            audio_guide_scale=a.audio_scale, sample_shift=a.shift))
@@ -97,7 +110,9 @@ def main() -> None:
         stages[last[1]] = stages.get(last[1], 0.0) + time.perf_counter() - last[0]
         runs.append(time.perf_counter() - start)
         print(f"run {run}: {runs[-1]:.2f} s, {result.num_frames} frames", {k: round(v, 2) for k, v in stages.items()}, flush=True)
-    save(f"clip_{a.steps}steps_{'2' if a.text_scale == 1 else '3'}nfe{'_fp8' if a.fp8 else ''}", dict(fp8=a.fp8,
+    tier = f"_{a.memory}" if a.memory else ""
+    save(f"clip_{a.steps}steps_{'2' if a.text_scale == 1 else '3'}nfe{'_fp8' if a.fp8 else ''}{tier}", dict(fp8=a.fp8,
+        memory=a.memory, vram_budget_gib=a.vram_budget,
         steps=a.steps, nfe_per_step=2 if a.text_scale == 1 else 3, frames=result.num_frames, size=[448, 896],
         tokens=32928, clip_s=runs[-1], first_run_s=runs[0], stages_s={k: round(v, 3) for k, v in stages.items()},
         peak_gpu_gib=torch.cuda.max_memory_allocated() / 2**30, peak_rss_gib=peak_rss_gib(), dtype="fp8" if a.fp8 else "bf16",

@@ -92,15 +92,33 @@ def main() -> None:
                                            audio_guide_scale=a.audio_scale, sample_shift=a.shift))
     stages: dict[str, float] = {}
     runs = []
+    peaks: dict[str, float] = {}
+
+    def measured(name: str, fn):
+        """``fn`` recording its own peak GPU memory under ``name`` (a progress stage also spans part
+        of a sampling step). Its stage begins right before the call: resetting there loses nothing."""
+        def call(*args, **kwargs):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            out = fn(*args, **kwargs)
+            torch.cuda.synchronize()
+            peaks[name] = max(peaks.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
+            return out
+        return call
+
+    pipe.condition, pipe.decode = measured("vae_encode", pipe.condition), measured("vae_decode", pipe.decode)
     for run in range(2):
         torch.cuda.synchronize()
         last = [time.perf_counter(), "prepare"]
         stages.clear()
+        peaks.clear()
 
         def progress(event) -> None:
             torch.cuda.synchronize()
             now = time.perf_counter()
             stages[last[1]] = stages.get(last[1], 0.0) + now - last[0]
+            peaks[last[1]] = max(peaks.get(last[1], 0.0), torch.cuda.max_memory_allocated() / 2**30)
+            torch.cuda.reset_peak_memory_stats()  # so each stage's own peak is seen (the max is the run's)
             last[0], last[1] = now, event.stage
 
         torch.cuda.reset_peak_memory_stats()
@@ -108,14 +126,16 @@ def main() -> None:
         result = pipe.generate(request, output=tmp / "clip.mp4", progress=progress)
         torch.cuda.synchronize()
         stages[last[1]] = stages.get(last[1], 0.0) + time.perf_counter() - last[0]
+        peaks[last[1]] = max(peaks.get(last[1], 0.0), torch.cuda.max_memory_allocated() / 2**30)
         runs.append(time.perf_counter() - start)
-        print(f"run {run}: {runs[-1]:.2f} s, {result.num_frames} frames", {k: round(v, 2) for k, v in stages.items()}, flush=True)
+        print(f"run {run}: {runs[-1]:.2f} s, {result.num_frames} frames", {k: round(v, 2) for k, v in stages.items()},
+              "peak GiB", {k: round(v, 1) for k, v in peaks.items()}, flush=True)
     tier = f"_{a.memory}" if a.memory else ""
     save(f"clip_{a.steps}steps_{'2' if a.text_scale == 1 else '3'}nfe{'_fp8' if a.fp8 else ''}{tier}", dict(fp8=a.fp8,
         memory=a.memory, vram_budget_gib=a.vram_budget,
         steps=a.steps, nfe_per_step=2 if a.text_scale == 1 else 3, frames=result.num_frames, size=[448, 896],
         tokens=32928, clip_s=runs[-1], first_run_s=runs[0], stages_s={k: round(v, 3) for k, v in stages.items()},
-        peak_gpu_gib=torch.cuda.max_memory_allocated() / 2**30, peak_rss_gib=peak_rss_gib(), dtype="fp8" if a.fp8 else "bf16",
+        peak_gpu_gib=max(peaks.values()), stage_peak_gpu_gib={k: round(v, 2) for k, v in peaks.items()}, peak_rss_gib=peak_rss_gib(), dtype="fp8" if a.fp8 else "bf16",
     ))
 
 

@@ -263,7 +263,9 @@ def test_full_size_estimates(full_sizes):
 def test_budget_of_12_gib_keeps_the_peak_under_it(full_sizes):
     budget = 12 * GiB
     resident = resident_blocks_for(full_sizes, budget)
-    assert 0 < resident < 40
+    # bf16: the untiled VAE encode (measured 6.8 GiB of activations) leaves no room for resident
+    # blocks under 12 GiB: all 40 stream (which sampled at the resident speed on an H100)
+    assert 0 <= resident < 40
     assert estimate_peak(full_sizes, "stream-blocks", resident) <= budget
     assert estimate_peak(full_sizes, "stream-blocks", resident + 1) > budget - GiB // 2
     plan = plan_memory("auto", 12, fp8=False, sizes=full_sizes, free_bytes=80 * GiB)

@@ -91,6 +91,8 @@ class ModelSizes:
     dit_workspace: int  # activations of one DiT forward at REFERENCE_TOKENS
     vae_workspace: int  # the VAE's activations at 448x896, 81 frames, untiled
     vae_workspace_tiled: int
+    vae_encode_workspace: int = 0  # the untiled encode of the condition clip (kept untiled: exact latents)
+    runtime_overhead: int = 0  # what stays allocated beside the weights (RoPE tables, conditions, workspaces)
 
     @property
     def dit(self) -> int:
@@ -151,10 +153,17 @@ def estimate_sizes(tiny: bool = False, dtype: torch.dtype = torch.bfloat16, fp8:
     # the end-to-end clip peaked 11 GiB above the weights untiled. Tiles of 256x256 px cut that.
     vae_workspace = (11 * GiB) if not tiny else 64 * 2**20
     vae_workspace_tiled = (3 * GiB) if not tiny else 32 * 2**20
+    # Measured on an H100 (2026-11-22, 4-step clip in stream-blocks at a 12 GiB budget, each phase's
+    # own peak): between phases 6.9 GiB were allocated where the DiT's weights on the device come to
+    # 6.1 (0.8 GiB of runtime state beside them); the untiled VAE encode of the 81-frame condition
+    # clip rose to 14.2 GiB, 6.8 GiB above that plus the VAE's weights: the largest phase of the tier.
+    vae_encode_workspace = int(6.8 * GiB) if not tiny else 64 * 2**20
+    runtime_overhead = int(0.8 * GiB) if not tiny else 0
     return ModelSizes(
         dit_other=dit_other, dit_block=dit_block, dit_blocks=len(dit.blocks), text_other=text_other,
         text_block=text_block, text_blocks=text_blocks, image=_bytes(image, torch.float16), vae=_bytes(vae, torch.float32),
         dit_workspace=dit_workspace, vae_workspace=vae_workspace, vae_workspace_tiled=vae_workspace_tiled,
+        vae_encode_workspace=vae_encode_workspace, runtime_overhead=runtime_overhead,
     )  # fmt: skip
 
 
@@ -198,7 +207,8 @@ def estimate_peak(sizes: ModelSizes, tier: str, resident_blocks: int | None = No
     streamed = s.dit_blocks - resident
     dit = s.dit_other + resident * s.dit_block + (min(slots, streamed) if streamed else 0) * s.dit_block
     text_phase = s.text_other + 2 * s.text_block  # umT5's own two buffers
-    return dit + max(s.dit_workspace, text_phase, s.image, s.vae + s.vae_workspace_tiled)
+    vae_phase = s.vae + max(s.vae_encode_workspace, s.vae_workspace_tiled)  # encode untiled, decode tiled
+    return dit + s.runtime_overhead + max(s.dit_workspace, text_phase, s.image, vae_phase)
 
 
 def resident_blocks_for(sizes: ModelSizes, budget: int, slots: int = 2) -> int:

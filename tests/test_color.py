@@ -101,3 +101,32 @@ def test_frames_are_independent_so_a_subset_can_be_corrected_first() -> None:
     video, reference = sample_video(frames=12)
     whole = match_colors(video, reference, 0.8)
     assert torch.equal(match_colors(video[:, -5:], reference, 0.8), whole[:, -5:])
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_torch_path_agrees_with_the_reference_loop(strength: float) -> None:
+    """The GPU path (torch, run here on the CPU) against the reference's numpy loop: float32
+    rounding apart, the same frames, flat frames included."""
+    from talkgen.media.color import match_colors_torch
+
+    video, reference = sample_video()
+    expected = reference_match(video, reference, strength)
+    got = match_colors_torch(video, reference, strength)
+    assert got.shape == video.shape and got.dtype == video.dtype
+    assert (got - expected).abs().max() < 2e-4
+    assert torch.equal(got[:, 1], expected[:, 1].float()) or (got[:, 1] - expected[:, 1]).abs().max() < 1e-6
+
+
+def test_torch_lab_conversions_match_scikit_image() -> None:
+    from talkgen.media.color import lab_to_rgb, rgb_to_lab
+
+    rgb = torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(1))
+    rgb[0, :8] = torch.tensor([0.0, 0.0, 0.0])  # black and white, the ends of both piecewise curves
+    rgb[1, :8] = torch.tensor([1.0, 1.0, 1.0])
+    lab = rgb_to_lab(rgb)
+    assert np.abs(lab.numpy() - color.rgb2lab(rgb.numpy())).max() < 1e-4
+    shifted = lab + torch.tensor([-20.0, 30.0, 90.0])  # out of gamut in places: negative Z, clipping
+    assert ((shifted[..., 0] + 16) / 116 - shifted[..., 2] / 200 < 0).any()  # the negative-Z branch is hit
+    with pytest.warns(UserWarning, match="negative Z"):
+        expected = np.clip(color.lab2rgb(shifted.numpy()), 0, 1)
+    assert np.abs(lab_to_rgb(shifted).numpy() - expected).max() < 1e-5

@@ -484,13 +484,13 @@ class Pipeline:
 
     def _finish_video(self, latent: torch.Tensor, reference: torch.Tensor, options: StreamOptions) -> torch.Tensor:
         """Decode a chunk and match its colours to the reference image (before its last frames
-        become the next chunk's context, as in the reference)."""
-        video = self.decode(latent).cpu()
+        become the next chunk's context, as in the reference); on the GPU where it decoded."""
+        video = self.decode(latent)
         if options.color_strength > 0:
             from talkgen.media.color import match_colors
 
             video = match_colors(video, reference, options.color_strength)
-        return video
+        return video.cpu()
 
     # -- clip mode from prepared inputs (the golden tests' seam) -----------------------------
 

@@ -27,6 +27,12 @@ DEFAULT_NEGATIVE_PROMPT = (
 DEFAULT_SHIFT = {480: 7.0, 720: 11.0}
 
 
+def round_frame_num(value: int) -> int:
+    """Frames per chunk as the model makes them: the VAE packs 4 frames per latent after the
+    first, so a chunk has 4n+1 frames (rounded up)."""
+    return 4 * ((value - 1 + 3) // 4) + 1
+
+
 class GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -62,8 +68,7 @@ class GenerationRequest(BaseModel):
     @field_validator("frame_num")
     @classmethod
     def _round_frames(cls, value: int) -> int:
-        # The VAE packs 4 frames per latent after the first: the model needs 4n+1 frames.
-        return 4 * ((value - 1 + 3) // 4) + 1
+        return round_frame_num(value)
 
     @model_validator(mode="after")
     def _check_people(self) -> GenerationRequest:

@@ -29,6 +29,7 @@ from starlette.datastructures import UploadFile
 from talkgen import __version__
 from talkgen.errors import InputError, ResourceError, TalkgenError, WeightsError
 from talkgen.service import live
+from talkgen.service.faults import disk_full
 from talkgen.service.intake import Intake, UploadTooLarge, parse_params
 from talkgen.service.jobs import Job, JobStore
 from talkgen.service.schemas import (INPUT_FIELDS, PRESET_NOTES, PRESETS, ErrorBody, Health, JobCreated, JobList,
@@ -147,6 +148,43 @@ class BodyLimit:
     def _message(self) -> str:
         return (f"The request is larger than {self.limit / 2**20:g} MiB (TALKGEN_MAX_UPLOAD_MB): send shorter speech "
                 "or a smaller image, or put the inputs in S3 and send their s3:// URIs.")
+
+
+# A JSON job names its inputs; it never carries them. A few kB is typical.
+MAX_JSON_BODY = 1 << 20
+
+
+async def read_json_body(request: Request) -> bytes:
+    """The body of a JSON job, refused past MAX_JSON_BODY as it arrives (not the upload limit: a
+    JSON body held in memory at that size would let a few requests exhaust the server's memory)."""
+    too_large = UploadTooLarge(f"A JSON job body is at most {MAX_JSON_BODY >> 10} KiB: it names its inputs "
+                               "(s3:// URIs); upload files as multipart/form-data instead.")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_JSON_BODY:
+        raise too_large
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > MAX_JSON_BODY:
+            raise too_large
+    return bytes(body)
+
+
+@asynccontextmanager
+async def read_form(request: Request):
+    """The multipart form; Starlette spools files over 1 MiB to TMPDIR while parsing, so a full disk
+    there is a 503 naming the folder rather than a 500."""
+    try:
+        form = await request.form(max_files=len(INPUT_FIELDS), max_fields=len(INPUT_FIELDS) + 1)
+    except OSError as exc:
+        if disk_full(exc):
+            raise ResourceError(f"No space left in the server's temporary folder (TMPDIR) ({exc.strerror}): the "
+                                "server cannot keep the upload; try again later (operators: free disk space).") from None
+        raise
+    try:
+        yield form
+    finally:
+        await form.close()
 
 
 def error_response(status: int, exc: Exception, headers: dict | None = None) -> JSONResponse:
@@ -282,9 +320,9 @@ def create_app(settings: Settings | None = None, queue_factory=None) -> FastAPI:
         refusal = svc.queue.accepting()
         if refusal:
             raise ResourceError(refusal)
-        content_type = request.headers.get("content-type", "")
+        content_type = request.headers.get("content-type", "").lower()  # media types are case-insensitive
         if content_type.startswith("multipart/form-data"):
-            async with request.form(max_files=len(INPUT_FIELDS), max_fields=len(INPUT_FIELDS) + 1) as form:
+            async with read_form(request) as form:
                 unknown = sorted(set(form.keys()) - {*INPUT_FIELDS, "params"})
                 if unknown:
                     raise InputError(f"Invalid request: {unknown[0]}: not a known field; send image (or video), "
@@ -307,7 +345,7 @@ def create_app(settings: Settings | None = None, queue_factory=None) -> FastAPI:
                                               parse_params(params if isinstance(params, str) else None), uploads)
         elif content_type.startswith("application/json"):
             try:
-                body = S3JobRequest.model_validate_json(await request.body())
+                body = S3JobRequest.model_validate_json(await read_json_body(request))
             except ValueError as exc:
                 from talkgen.service.intake import describe_body_error
 

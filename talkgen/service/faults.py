@@ -87,13 +87,18 @@ def inject(spec: str, point: str, prompt: str = "") -> None:
 
 
 def store_result(storage, settings, key: str, path: Path, content_type: str | None = None, prompt: str = "") -> str:
-    """``storage.put_file`` with retries for a storage that does not answer; a full disk fails at once."""
+    """The job's result through :func:`put_with_retries` (the ``upload`` stage of fault injection)."""
     inject(settings.faults, "upload", prompt)
+    return put_with_retries(storage, settings, key, path, content_type)
+
+
+def put_with_retries(storage, settings, key: str, path: Path, content_type: str | None = None) -> str:
+    """``storage.put_file`` with retries for a storage that does not answer; a full disk fails at once."""
     tries, delay, started = settings.storage_tries, settings.storage_retry_delay_s, time.monotonic()
     for attempt in range(1, tries + 1):
         try:
             return storage.put_file(key, path, content_type)
-        except (InputError, KeyboardInterrupt):
+        except InputError:
             raise
         except Exception as exc:
             if disk_full(exc):

@@ -3,7 +3,8 @@
 Order matters: the options and the files are validated first (nothing is stored for a request
 that would fail), then the inputs are written to storage, then the job record is committed,
 then it is queued, and only then does the client get ``202``. Whatever was accepted survives a
-crash from that point on (the record and its inputs are on disk or in S3; a job that was stored
+crash from that point on (the record and its uploaded inputs are on disk or in S3; inputs a JSON
+job names by s3:// URI or local path are read where they are when it runs; a job that was stored
 but not yet queued is queued when the server starts again).
 
 What is checked, each refusal an :class:`InputError` (422) naming the field and the fix:
@@ -325,7 +326,7 @@ def _local_input(name: str, value: str, settings) -> str:
         inside = False
     if not inside:
         raise InputError(f"Invalid request: {name}: {value!r} is not a file under the folder this server reads "
-                         f"inputs from ({root}, TALKGEN_INPUT_ROOT); put it there and name it relative to it, or "
+                         "inputs from (TALKGEN_INPUT_ROOT); put it there and name it relative to it, or "
                          "upload it as multipart/form-data.")
     return path.as_uri()
 
@@ -342,7 +343,9 @@ class Intake:
         """``uploads``: field -> (file name, binary file object). Runs in a worker thread."""
         for name, (filename, _stream) in uploads.items():
             check_upload_name(name, filename)
-        with tempfile.TemporaryDirectory(prefix=temp_prefix("upload")) as tmp:
+        with _disk("the server's temporary folder (TMPDIR)"):
+            folder = tempfile.TemporaryDirectory(prefix=temp_prefix("upload"))
+        with folder as tmp:
             paths: dict[str, Path] = {}
             for name, (filename, stream) in uploads.items():
                 path = Path(tmp) / f"{name}-{_safe_name(filename, name)}"
@@ -375,7 +378,8 @@ class Intake:
                 raise UploadTooLarge(f"{name}: {uri} is {size / 2**20:.0f} MiB; the limit is "
                                      f"{self.settings.max_upload_mb:g} MiB (TALKGEN_MAX_UPLOAD_MB).")
         local = {name: Path(unquote(urlparse(uri).path)) for name, uri in inputs.items() if uri.startswith("file:")}
-        if local:  # local inputs are decoded here like uploads; S3 ones by the worker
+        if local:  # decoded here like uploads, S3 ones by the worker; a local input is
+            # read where it is (under TALKGEN_INPUT_ROOT) when the job runs, not copied
             check_layout(request, check_files(local, self.settings))
         return self._queue(new_job_id(), body.params, inputs)
 

@@ -19,21 +19,17 @@ import math
 from collections.abc import Callable
 
 from talkgen.media.video import DEFAULT_FPS as FPS
+from talkgen.pipeline.request import GenerationRequest, round_frame_num
 from talkgen.service.jobs import Job
 from talkgen.service.schemas import PRESETS
 
 PLAYLIST_TYPE = "application/vnd.apple.mpegurl"
 SEGMENT_TYPE = "video/mp2t"
-DEFAULT_FRAME_NUM = 81  # GenerationRequest's default frames per chunk
 
 
 def segment_key(job_id: str, index: int) -> str:
     """Where a chunk's segment is stored (beside ``chunks/<index>.mp4``)."""
     return f"jobs/{job_id}/live/{index:05d}.ts"
-
-
-def segment_path(job_id: str, index: int) -> str:
-    return f"/v1/jobs/{job_id}/live/{index:05d}.ts"
 
 
 def playlist_path(job_id: str) -> str:
@@ -59,9 +55,10 @@ def segments(job: Job) -> list[dict]:
 
 def target_duration(job: Job, listed: list[dict], fps: int = FPS) -> int:
     """Whole seconds no segment exceeds, fixed for the job's life (a playlist must not change
-    it): the longest chunk is the first, ``frame_num`` frames."""
+    it): the longest chunk is the first, ``frame_num`` frames as the engine rounds them (4n+1)."""
     params = {**PRESETS.get(job.params.get("preset"), {}), **job.params}
-    longest = max([int(params.get("frame_num") or DEFAULT_FRAME_NUM), *(c["frames"] for c in listed)])
+    frame_num = round_frame_num(int(params.get("frame_num") or GenerationRequest.model_fields["frame_num"].default))
+    longest = max([frame_num, *(c["frames"] for c in listed)])
     return max(1, math.ceil(longest / fps))
 
 

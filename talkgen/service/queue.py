@@ -103,7 +103,10 @@ class EmbeddedQueue:
     def accepting(self) -> str | None:
         """Why new jobs cannot be run, or None."""
         if self.workers and all(w.state == "failed" for w in self.workers):
-            return f"The model could not be loaded: {self.workers[0].error}"
+            worker = self.workers[0]
+            if worker.broken:  # it loaded, then its GPUs fell out of step; queued jobs wait for a restart
+                return f"No worker can run jobs: {worker.error}; jobs already queued run after the server restarts."
+            return f"The model could not be loaded: {worker.error}"
         return None
 
     def stop(self, timeout: float = 30) -> None:

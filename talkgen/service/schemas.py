@@ -96,7 +96,9 @@ class JobView(BaseModel):
                                                                         if k in JobResult.model_fields})
         chunks = [Chunk(index=c["index"], url=f"/v1/jobs/{job.id}/chunks/{c['index']}", frames=c["frames"],
                         duration_s=c["duration_s"]) for c in job.chunks]
-        live_url = f"/v1/jobs/{job.id}/live.m3u8" if job.params.get("mode") == "streaming" else None
+        from talkgen.service import live  # live builds on this module's presets
+
+        live_url = live.playlist_path(job.id) if live.is_streaming(job) else None
         return cls(id=job.id, status=job.status, created_at=job.created_at, started_at=job.started_at,
                    finished_at=job.finished_at, progress=Progress(**job.progress) if job.progress else None,
                    error=job.error, result=result, chunks=chunks, live_url=live_url, attempts=job.attempts,

@@ -33,6 +33,8 @@ from urllib.parse import urlparse
 
 from talkgen.errors import TalkgenError
 from talkgen.pipeline.progress import ProgressEvent
+from talkgen.service import faults
+from talkgen.service.intake import check_files, check_layout
 from talkgen.service.schemas import generation_values
 from talkgen.service.settings import Settings
 from talkgen.service.storage import Storage
@@ -165,9 +167,7 @@ class GenerationWorker:
 
     def load(self) -> None:
         from talkgen.pipeline.pipeline import Pipeline
-        from talkgen.service.faults import sweep_stale_temp
-
-        sweep_stale_temp()  # temporary folders of workers that were killed (-9) on this machine
+        faults.sweep_stale_temp()  # temporary folders of workers that were killed (-9) on this machine
 
         try:
             weights = self.settings.weights_dir
@@ -215,7 +215,6 @@ class GenerationWorker:
     def _generate(self, order: JobOrder, reporter: Reporter, stopping: threading.Event) -> tuple[str, dict]:
         from talkgen.pipeline.request import GenerationRequest
 
-        from talkgen.service import faults
 
         job_id = order.job_id
         tracker = ProgressTracker()
@@ -226,10 +225,12 @@ class GenerationWorker:
                 raise Cancelled()
             if stopping.is_set():
                 raise Stopping()
-            faults.inject(self.settings.faults, event.stage, prompt)  # tests only; nothing when unset
             data = tracker(event)
             if tracker.due(data):
                 reporter.progress(job_id, data)
+            # Tests only (nothing when unset); after the report, so a fault held in a stage happens
+            # while the job is seen to be in it.
+            faults.inject(self.settings.faults, event.stage, prompt)
 
         try:
             with tempfile.TemporaryDirectory(prefix=faults.temp_prefix("job", job_id)) as tmp:
@@ -237,9 +238,16 @@ class GenerationWorker:
                 paths = {name: self.storage.fetch(uri, tmp / "inputs" / f"{name}{_suffix(uri)}")
                          for name, uri in order.inputs.items()}
                 request = GenerationRequest.parse(generation_values(order.params, paths))
+                # Inputs a client named by s3:// URI were only sized at intake (uploads were decoded
+                # there): decode them within the same limits before any model runs; an InputError
+                # fails the job with the reason.
+                named = {name: paths[name] for name, uri in order.inputs.items()
+                         if uri.startswith("s3:") and f"/jobs/{job_id}/inputs/" not in uri}
+                if named:
+                    check_layout(request, check_files(named, self.settings))
                 extra, sink = {}, None
                 if getattr(request, "mode", "clip") == "streaming" and _accepts(self.pipeline.generate, "on_chunk"):
-                    sink = ChunkSink(job_id, reporter, self.storage, tmp, tracker)
+                    sink = ChunkSink(job_id, reporter, self.storage, tmp, tracker, self.settings)
                     extra["on_chunk"] = sink
                     resume = sink.resume_point()
                     if resume is not None:
@@ -280,8 +288,10 @@ class ChunkSink:
     ``<index>.state.safetensors``, what the stream resumes from), then ``jobs/<id>/resume.json``
     is rewritten to list every finished chunk, then the chunk is reported."""
 
-    def __init__(self, job_id: str, reporter: Reporter, storage: Storage, tmp: Path, tracker: ProgressTracker):
+    def __init__(self, job_id: str, reporter: Reporter, storage: Storage, tmp: Path, tracker: ProgressTracker,
+                 settings: Settings):
         self.job_id, self.reporter, self.storage, self.tmp, self.tracker = job_id, reporter, storage, tmp, tracker
+        self.settings = settings  # storage retries: a storage that does not answer for a moment must not end a stream
         self.soundtrack, self.rate = None, SPEECH_RATE  # filled by capture_soundtrack
         self.aac = None  # the soundtrack as one AAC stream, cut between the live segments
         self.done: list[dict] = []
@@ -290,6 +300,9 @@ class ChunkSink:
 
     def key(self, name: str) -> str:
         return f"jobs/{self.job_id}/{name}"
+
+    def put(self, key: str, path: Path, content_type: str | None = None) -> str:
+        return faults.put_with_retries(self.storage, self.settings, key, path, content_type)
 
     def resume_point(self):
         """The state after the last chunk an earlier attempt finished, or None."""
@@ -324,15 +337,15 @@ class ChunkSink:
         state = save_chunk_state(chunk.state, self.tmp / f"chunk-{index:05d}.state.safetensors")
         record = {"index": index, "frames": len(frames), "first_frame": first, "total_frames": total,
                   "duration_s": round(len(frames) / FPS, 3),
-                  "uri": self.storage.put_file(self.key(f"chunks/{index:05d}.mp4"), video, "video/mp4"),
-                  "segment": self.storage.put_file(segment_key(self.job_id, index), segment, "video/mp2t"),
-                  "state": self.storage.put_file(self.key(f"chunks/{index:05d}.state.safetensors"), state)}
+                  "uri": self.put(self.key(f"chunks/{index:05d}.mp4"), video, "video/mp4"),
+                  "segment": self.put(segment_key(self.job_id, index), segment, "video/mp2t"),
+                  "state": self.put(self.key(f"chunks/{index:05d}.state.safetensors"), state)}
         for path in (video, segment, state):
             path.unlink(missing_ok=True)
         self.done = [c for c in self.done if c["index"] < index] + [record]
         marker = self.tmp / "resume.json"
         marker.write_text(json.dumps({"chunks": self.done}))
-        self.storage.put_file(self.key("resume.json"), marker, "application/json")
+        self.put(self.key("resume.json"), marker, "application/json")
         self.tracker.chunk_finished(first + len(frames), int(chunk.total_frames))
         self.reporter.chunk(self.job_id, record)
         self.reporter.progress(self.job_id, self.tracker(ProgressEvent("stored", chunk=index)))

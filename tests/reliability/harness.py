@@ -233,7 +233,8 @@ def unshare_available() -> str | None:
 FULL_DISK_SCRIPT = """set -e
 mount -t tmpfs -o size=64k talkgen-full "$1"
 dd if=/dev/zero of="$1/filler" bs=4096 2>/dev/null || true
-( while [ ! -e "$2/free-space" ] && kill -0 $$ 2>/dev/null; do sleep 0.2; done; rm -f "$1/filler" ) &
+( while [ ! -e "$2/free-space" ] && kill -0 $$ 2>/dev/null; do sleep 0.2; done
+  find "$1" -name '*.partial' > "$2/partials"; rm -f "$1/filler" ) &
 shift 2
 exec "$@"
 """
@@ -646,13 +647,14 @@ def run_disk_full(cluster: Cluster, assets: dict[str, Path], real: bool, control
     job = wait_until(lambda: (j := cluster.job(first.json()["id"]))["status"] in TERMINAL and j, 180, 0.2, "the job")
     worker_pid = int(job["worker"].split(":")[1])  # a `talkgen worker`, or the server's embedded worker
     alive_after = Path(f"/proc/{worker_pid}").exists()
+    partials = None  # half-written results in the full folder (seen only inside the worker's namespace)
     if real:
-        (control / "free-space").touch()  # the worker's namespace removes its filler
-        time.sleep(1)
+        (control / "free-space").touch()  # the worker's namespace lists the .partial files, removes its filler
+        listing = wait_until(lambda: (control / "partials").exists() and control / "partials", 10, 0.2, "the listing")
+        partials = [Path(line).name for line in listing.read_text().split()]
     second = cluster.http.post("/v1/jobs", json={**body, "params": {**FAST, "prompt": "after: a person is talking"}})
     second.raise_for_status()
     after = wait_until(lambda: (j := cluster.job(second.json()["id"]))["status"] in TERMINAL and j, 180, 0.2, "the job")
-    partials = [p.name for p in cluster.storage.rglob("*.partial")] if cluster.storage.exists() else []
     return {"mechanism": "a full 64 KiB tmpfs as the result folder" if real else "OSError(ENOSPC) injected at the "
             "storage write", "status": job["status"], "error": job["error"], "worker_alive": alive_after,
             "next_job": after["status"], "same_worker": after["worker"] == job["worker"], "partial_files": partials}
@@ -915,7 +917,9 @@ def bad_requests(bad: BadAssets) -> list[BadCase]:
         BadCase("list with absurd offset", get("/v1/jobs", offset=2**70), "offset"),
         BadCase("list with unknown status", get("/v1/jobs", status="done"), "status"),
         BadCase("chunk index not a number", get("/v1/jobs/abc/chunks/x"), "index"),
-        BadCase("unknown job", get("/v1/jobs/../../etc/passwd"), "", (404,)),
+        BadCase("unknown job", get("/v1/jobs/0123456789abcdef"), "No job", (404,)),
+        # encoded, so the client sends it as is (httpx would resolve a plain "../")
+        BadCase("path traversal as a job id", get("/v1/jobs/..%2F..%2Fetc%2Fpasswd"), "Not Found", (404,)),
     ]
 
 

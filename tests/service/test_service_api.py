@@ -154,6 +154,38 @@ def test_uploads_over_the_limit_are_refused_while_streaming(live_server, inputs)
     api.close()
 
 
+def test_json_bodies_have_their_own_small_limit_and_media_types_ignore_case(live_server) -> None:
+    server = live_server(workers=0)  # upload limit: the default 512 MiB
+    api = Api(server.url)
+    padding = {"prompt": "x" * (2 << 20)}
+    response = api.http.post("/v1/jobs", json={"image": "s3://b/p.png", "audio": "s3://b/a.wav", "params": padding})
+    assert response.status_code == 413 and "JSON job body is at most 1024 KiB" in response.json()["error"]
+    response = api.http.post("/v1/jobs", content=b'{"image": "s3://nowhere/p.png", "audio": "s3://nowhere/a.wav"}',
+                             headers={"Content-Type": "Application/JSON; charset=UTF-8"})
+    assert response.status_code == 422 and "bucket 'nowhere'" in response.json()["error"], response.text
+    api.close()
+
+
+def test_a_full_temporary_folder_while_reading_an_upload_is_a_503(monkeypatch, inputs, tmp_path) -> None:
+    """Starlette spools uploads over 1 MiB to TMPDIR while it parses the form."""
+    import errno
+
+    from fastapi.testclient import TestClient
+    from starlette.requests import Request
+
+    from talkgen.service.api import create_app
+    from talkgen.service.settings import Settings
+
+    async def full_disk(self, **_limits):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Request, "form", full_disk)
+    with TestClient(create_app(Settings(model="tiny", workers=0, data_dir=tmp_path / "data"))) as client:
+        response = client.post("/v1/jobs", files={"image": ("p.png", inputs["image"].read_bytes()),
+                                                  "audio": ("s.wav", inputs["audio"].read_bytes())})
+    assert response.status_code == 503 and "TMPDIR" in response.json()["error"], response.text
+
+
 def test_api_keys_are_required_when_configured(live_server, inputs) -> None:
     server = live_server(workers=0, api_keys="secret-1,secret-2")
     anonymous, wrong, right = Api(server.url), Api(server.url, "nope"), Api(server.url, "secret-2")

@@ -280,3 +280,18 @@ def test_live_segments_in_s3_are_presigned_urls(live_server, seaweedfs, inputs, 
         release.set()
         api.close()
 
+
+
+def test_the_target_duration_is_fixed_for_the_jobs_life_with_rounded_frame_counts() -> None:
+    """HLS forbids a playlist whose EXT-X-TARGETDURATION changes: it is computed from frame_num as
+    the engine rounds it (100 -> 101 frames, 4.04 s -> 5 s), before and after the first chunk."""
+    from talkgen.service.jobs import Job
+    from talkgen.service.live import playlist
+
+    def job(chunks: list[dict]) -> Job:
+        return Job(id="j", status="running", created_at=0.0, updated_at=0.0,
+                   params={"mode": "streaming", "frame_num": 100}, inputs={}, chunks=chunks)
+
+    first = {"index": 0, "frames": 101, "first_frame": 0, "segment": "s3://b/0.ts"}
+    before, after = (playlist(job(c), lambda chunk: "0.ts") for c in ([], [first]))
+    assert "#EXT-X-TARGETDURATION:5" in before and "#EXT-X-TARGETDURATION:5" in after

@@ -80,6 +80,28 @@ def test_s3_inputs_in_result_in_s3_and_the_video_by_presigned_url(live_server, s
     api.close()
 
 
+def test_s3_inputs_are_decoded_within_the_limits_before_the_model_runs(live_server, seaweedfs, inputs, tmp_path) -> None:
+    """Intake only sizes s3:// inputs; the worker decodes them with the same checks as uploads."""
+    import numpy as np
+    import soundfile as sf
+
+    bucket, s3 = seaweedfs["bucket"], seaweedfs["client"]
+    silent = tmp_path / "silent.wav"
+    sf.write(silent, np.zeros(16000, np.float32), 16000)
+    s3.upload_file(str(inputs["image"]), bucket, "in/portrait.png")
+    s3.upload_file(str(silent), bucket, "in/silent.wav")
+    server = live_server(**s3_settings(seaweedfs, storage=f"s3://{bucket}/results"))
+    server.wait_ready()
+    api = Api(server.url)
+    response = api.http.post("/v1/jobs", json={"image": f"s3://{bucket}/in/portrait.png",
+                                               "audio": f"s3://{bucket}/in/silent.wav", "params": FAST})
+    assert response.status_code == 202, response.text  # only its size is known here
+    job = api.wait(response.json()["id"])
+    assert job["status"] == "failed" and "audio" in job["error"] and "silent" in job["error"], job
+    assert job["attempts"] == 1  # a bad input is not retried
+    api.close()
+
+
 @pytest.mark.parametrize("uri", ["s3://talkgen-test", "s3:///key", "file:///etc/passwd"])
 def test_only_s3_locations_are_accepted_as_inputs(live_server, seaweedfs, uri) -> None:
     server = live_server(workers=0, **s3_settings(seaweedfs))

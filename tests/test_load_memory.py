@@ -49,6 +49,17 @@ def test_truncated_file_is_a_weights_error(tmp_path: Path):
         list(iter_checkpoint(path))
 
 
+def test_a_header_whose_shape_does_not_fill_its_data_is_a_weights_error(tmp_path: Path):
+    """A crafted header ([4, 4] float32 over 32 bytes) must not reach the reshape as an internal error."""
+    import json
+
+    header = json.dumps({"a": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 32]}}).encode()
+    path = tmp_path / "crafted.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\x00" * 32)
+    with pytest.raises(WeightsError, match="shape does not match its data"):
+        list(iter_checkpoint(path))
+
+
 PROBE = textwrap.dedent("""
     import json, sys, torch
     from torch import nn

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,10 +97,23 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
     header.pop("__metadata__", None)
     start = 8 + length
     for key, entry in header.items():
-        begin, end = entry.get("data_offsets", (0, -1))
-        if entry.get("dtype") not in _SAFETENSORS_DTYPES or start + end > size or end < begin:
-            raise WeightsError(f"{path}: tensor '{key}' is truncated or of an unknown dtype; download the file again.")
+        if not _entry_is_consistent(entry) or start + entry["data_offsets"][1] > size:
+            raise WeightsError(f"{path}: tensor '{key}' is truncated, of an unknown dtype, or its shape does not "
+                               "match its data; download the file again.")
     return header, start
+
+
+def _entry_is_consistent(entry) -> bool:
+    """A header entry names a known dtype, and its shape fills its byte range exactly (as the
+    safetensors library checks: a crafted header must not reach the reshape)."""
+    try:
+        begin, end = (int(v) for v in entry["data_offsets"])
+        shape = [int(n) for n in entry["shape"]]
+        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+    except (KeyError, TypeError, ValueError):
+        return False
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 0 <= begin <= end and all(n >= 0 for n in shape) and end - begin == math.prod(shape) * itemsize
 
 
 def iter_safetensors(path: Path) -> Iterator[tuple[str, TensorGetter]]:

@@ -263,6 +263,39 @@ def summary(name: str, r: dict) -> list[str]:
     return [f"{name}: {json.dumps(r)[:300]}"]
 
 
+def problems(name: str, r: dict) -> list[str]:
+    """What a part's figures show going wrong (the soak exits 1 when any part has one)."""
+    if "exception" in r:
+        return ["did not run"]
+    found = []
+    if name in ("load", "restart"):
+        found += [k for k in ("lost", "started_more_than_once", "submit_errors") if r.get(k)]
+        if set(r.get("statuses", {})) - {"succeeded"}:
+            found.append(f"statuses {r['statuses']}")
+    if name == "restart" and r["before_restart"] != r["after_restart"]:
+        found.append("queue changed across the restart")
+    if name == "kills":
+        found += [k for k in ("lost", "failed_without_reason") if r[k]]
+    if name in ("s3", "oom"):
+        next_job = r["next_job_after_outage"]["status"] if name == "s3" and r["next_job_after_outage"] else r.get("next_job")
+        if r["status"] != "failed" or next_job != "succeeded":
+            found.append(f"job {r['status']}, next job {next_job}")
+    if name == "disk":
+        for kind, d in r.items():
+            if isinstance(d, dict) and "skipped" not in d and (d["status"] != "failed" or d["next_job"] != "succeeded"
+                                                                or not d["worker_alive"] or d.get("partial_files")):
+                found.append(f"{kind}: job {d['status']}, next job {d['next_job']}, worker alive {d['worker_alive']}")
+    if name == "bad" and (r["wrong"] or r["jobs_created"]):
+        found.append(f"{len(r['wrong'])} cases not refused as expected, {r['jobs_created']} jobs created")
+    if name == "stream" and r["status"] != 413:
+        found.append(f"status {r['status']}")
+    if name == "fuzz" and r["server_error_count"]:
+        found.append(f"{r['server_error_count']} server errors")
+    if name == "unpickle" and r["package_scripts_deploy"]["unsafe"]:
+        found.append("unsafe loads")
+    return found
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts: {', '.join(PARTS)}")
@@ -314,6 +347,8 @@ def main() -> int:
             report["parts"][name] = result
             for line in summary(name, result):
                 print(line, flush=True)
+            for problem in problems(name, result):
+                print(f"  PROBLEM: {problem}", flush=True)
             print(f"  ({name}: {result['seconds']} s)", flush=True)
     finally:
         report["seconds"] = round(time.monotonic() - began, 1)
@@ -322,7 +357,7 @@ def main() -> int:
             print(f"figures written to {args.json}")
         if args.work is None and not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    return 1 if any("exception" in r for r in report["parts"].values()) else 0
+    return 1 if any(problems(name, r) for name, r in report["parts"].items()) else 0
 
 
 if __name__ == "__main__":

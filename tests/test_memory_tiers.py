@@ -100,12 +100,15 @@ def test_resident_blocks_and_buffers():
 
 
 def test_copies_and_waits_are_ordered_without_host_syncs():
-    """Each streamed block waits for its copy; each copy into a buffer waits for the event recorded
-    after the buffer's previous reader; the next copy is enqueued right after a block is."""
+    """Each streamed block waits for an event recorded after its own copy; each copy into a buffer
+    waits for the event recorded after the buffer's previous reader; the next copy is enqueued
+    right after a block is; the host never waits (the engine's synchronize is logged, and a CUDA
+    sync such as ``torch.cuda.synchronize()`` or ``event.synchronize()`` raises on this engine)."""
     model = tiny_dit()
     engine = HostEngine()
+    engine.log = []  # from the start: the first fetches are enqueued while the streamer is built
     streamer = BlockStreamer(model.blocks, engine, resident=2, slots=2)
-    engine.log = []
+    assert engine.log == [("copy", "blocks:2->slot0", None, "blocks:ready0"), ("copy", "blocks:3->slot1", None, "blocks:ready1")]
     for index, block in enumerate(model.blocks):  # registered after the streamer's hooks: runs after them
         block.register_forward_pre_hook(lambda _m, _a, index=index: engine.log.append(("compute", index)))
     with torch.no_grad():
@@ -119,12 +122,126 @@ def test_copies_and_waits_are_ordered_without_host_syncs():
         if index in streamer.streamed:
             slot = streamer.streamed.index(index) % 2
             assert log[position - 1] == ("wait", f"blocks:ready{slot}")
-    copies = [entry for entry in log if entry[0] == "copy"]
-    assert all(entry[2] is not None and entry[2].startswith("blocks:free") for entry in copies)
+            # the event waited for was last recorded (as ``done``) by the copy of this very block
+            copy = next(entry for entry in reversed(log[:position]) if entry[0] == "copy" and entry[3] == f"blocks:ready{slot}")
+            assert copy[1] == f"blocks:{index}->slot{slot}"
+    copies = [position for position, entry in enumerate(log) if entry[0] == "copy"][2:]  # after the first two
+    assert all(log[q][2] is not None and log[q][2].startswith("blocks:free") for q in copies)
+    for q in copies:  # a copy into a buffer waits for an event recorded after the buffer's last reader
+        slot = int(log[q][2][len("blocks:free"):])
+        readers = [p for p in computes if p < q and log[p][1] in streamer.streamed
+                   and streamer.streamed.index(log[p][1]) % 2 == slot]
+        records = [p for p in range(q) if log[p] == ("record", f"blocks:free{slot}")]
+        assert readers and records and records[-1] > readers[-1]
     # After block 2 (slot 0) comes the copy of block 4 into slot 0, after block 5 (slot 1) that of block 3.
     assert ("copy", "blocks:4->slot0", "blocks:free0", "blocks:ready0") in log
     assert ("copy", "blocks:3->slot1", "blocks:free1", "blocks:ready1") in log
-    assert not any(entry[0] in ("sync", "synchronize") for entry in log)
+    assert {entry[0] for entry in log} == {"compute", "wait", "record", "copy"}  # no host sync in the hot path
+    engine.synchronize()  # the check above sees a host sync when there is one
+    assert log[-1] == ("synchronize",)
+
+
+def stack_with_different_first_block(n: int = 4) -> nn.ModuleList:
+    """Identical blocks, except that block 0 has one more parameter (as T5's first layer has the
+    relative-attention bias)."""
+    torch.manual_seed(0)
+    blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)) for _ in range(n))
+    blocks[0][0].register_parameter("relative_attention_bias", nn.Parameter(torch.randn(4, 2)))
+    return blocks.requires_grad_(False)
+
+
+@pytest.mark.parametrize("different", [0, 2])
+def test_streaming_refuses_differing_blocks_before_touching_any(different: int):
+    blocks = stack_with_different_first_block()
+    if different != 0:  # also a later block: the blocks before it must not have been rebound
+        del blocks[0][0]._parameters["relative_attention_bias"]
+        blocks[different][0].register_parameter("extra", nn.Parameter(torch.randn(3)))
+    before = [{name: (tensor, tensor.clone()) for name, tensor in block.state_dict(keep_vars=True).items()} for block in blocks]
+    with pytest.raises(ValueError, match=f"block {different if different else 1} differs"):
+        BlockStreamer(blocks, HostEngine(), resident=0, slots=2, name="umT5")
+    for block, original in zip(blocks, before):
+        now = block.state_dict(keep_vars=True)
+        assert now.keys() == original.keys()
+        for name, (tensor, values) in original.items():
+            assert now[name] is tensor and torch.equal(now[name], values)  # not rebound, not changed
+        assert not block._forward_pre_hooks and not block._forward_hooks
+
+
+def test_blocks_made_different_by_prepare_are_refused_whole():
+    """A ``prepare`` that casts one block differently: refused after preparing, every block still
+    holding its own (prepared) weights, none bound to a shared buffer."""
+    blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)) for _ in range(4)).requires_grad_(False)
+    values = [{name: tensor.clone() for name, tensor in block.state_dict().items()} for block in blocks]
+    with pytest.raises(ValueError, match="block 2 differs"):
+        BlockStreamer(blocks, HostEngine(), resident=0, slots=2, prepare=lambda block: block.double() if block is blocks[2] else None)
+    storages = []
+    for block, original in zip(blocks, values):
+        for name, tensor in block.state_dict().items():
+            assert torch.equal(tensor.float(), original[name])
+        storages.append({tensor.untyped_storage().data_ptr() for tensor in block.state_dict().values()})
+    assert all(a.isdisjoint(b) for i, a in enumerate(storages) for b in storages[i + 1 :])  # no two blocks share memory
+
+
+def test_text_encoder_with_differing_blocks_is_offloaded_whole():
+    """prepare_encoders falls back to moving umT5 whole when its blocks cannot stream; the fallback
+    then runs with the blocks' real weights."""
+    from types import SimpleNamespace
+
+    from talkgen.runtime.memory import MemoryManager, prepare_encoders
+
+    model = nn.Module()
+    model.encoder = nn.Module()
+    model.encoder.block = stack_with_different_first_block()
+    x = torch.randn(3, 8)
+
+    def forward(x):
+        for block in model.encoder.block:
+            x = block(x)
+        return x
+
+    expected = forward(x)
+    text = SimpleNamespace(model=model)
+    plan = MemoryPlan("stream-blocks", offload_encoders=True, stream_text=True, vae_tiling=True)
+    manager = MemoryManager(plan, "cpu")
+    prepare_encoders({"text_encoder": text}, plan, manager)
+    assert "umT5" not in manager.streamers and id(text) in manager.offloaders
+    with manager.using(text):
+        assert torch.equal(forward(x), expected)
+    assert torch.equal(forward(x), expected)
+
+
+def test_registered_host_memory_is_released_with_its_owner(monkeypatch):
+    """cudaHostRegister'ed buffers live as long as their owner: when it is collected, the copies
+    are waited for, then the memory is unregistered (CUDA's calls stubbed: no GPU here)."""
+    import gc
+
+    from talkgen.runtime import offload
+
+    calls = []
+
+    class FakeCudart:
+        def cudaHostRegister(self, ptr, nbytes, flags):
+            calls.append(("register", ptr, nbytes))
+            return 0
+
+        def cudaHostUnregister(self, ptr):
+            calls.append(("unregister", ptr))
+            return 0
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: FakeCudart())
+
+    class Owner:
+        pass
+
+    owner = Owner()
+    buffer = offload.pinned_buffer(1000, owner, synchronize=lambda: calls.append(("synchronize",)))
+    ptr = buffer.data_ptr()
+    del buffer
+    gc.collect()
+    assert calls == [("register", ptr, 1000)]  # the owner lives: still registered (and allocated)
+    del owner
+    gc.collect()
+    assert calls == [("register", ptr, 1000), ("synchronize",), ("unregister", ptr)]
 
 
 def test_compiled_forward_keeps_weight_movement_outside():
@@ -260,6 +377,26 @@ def test_full_size_estimates(full_sizes):
     assert 0.48 < fp8.dit_block / s.dit_block < 0.52
 
 
+def test_umt5_buffers_are_counted_in_every_phase(full_sizes):
+    """umT5's two streaming buffers stay on the device from load on: they add to the peak even
+    where the VAE encode is the largest phase (as it is at full size)."""
+    more = dataclasses.replace(full_sizes, text_block=full_sizes.text_block + GiB)
+    assert full_sizes.vae + full_sizes.vae_encode_workspace > max(full_sizes.dit_workspace, full_sizes.text_other)
+    for resident in (0, 10, 40):
+        grown = estimate_peak(more, "stream-blocks", resident) - estimate_peak(full_sizes, "stream-blocks", resident)
+        assert grown == 2 * GiB
+
+
+def test_budget_above_free_memory_is_not_trusted(full_sizes):
+    plan = plan_memory("auto", 40, fp8=False, sizes=full_sizes, free_bytes=20 * GiB)
+    assert plan.tier == "stream-blocks" and plan.resident_blocks == resident_blocks_for(full_sizes, 20 * GiB)
+    assert plan.estimated_peak + GiB // 2 <= 20 * GiB
+    assert len(plan.notes) == 1 and "more than the 20.0 GiB free" in plan.notes[0]
+    below = plan_memory("auto", 12, fp8=False, sizes=full_sizes, free_bytes=20 * GiB)
+    assert below.resident_blocks == resident_blocks_for(full_sizes, 12 * GiB) and not below.notes
+    assert "480p" in plan.describe() and "720p" in plan.describe()  # the estimate says what it is for
+
+
 def test_budget_of_12_gib_keeps_the_peak_under_it(full_sizes):
     budget = 12 * GiB
     resident = resident_blocks_for(full_sizes, budget)
@@ -281,9 +418,32 @@ def test_auto_picks_the_first_tier_that_fits(full_sizes):
     assert tier(50) == "offload-encoders"
     assert tier(24) == "stream-blocks"
     fp8_sizes = estimate_sizes(tiny=False, dtype=torch.bfloat16, fp8=True)
-    assert plan_memory("auto", None, fp8=True, sizes=fp8_sizes, free_bytes=46 * GiB).tier in ("resident", "offload-encoders")
-    assert plan_memory("auto", None, fp8=True, sizes=fp8_sizes, free_bytes=32 * GiB).tier in ("offload-encoders", "fp8")
+    auto = plan_memory("auto", None, fp8=True, sizes=fp8_sizes, free_bytes=46 * GiB)
+    assert auto.tier == "resident" and auto.fp8  # 41.4 GiB with fp8 blocks
+    auto = plan_memory("auto", None, fp8=True, sizes=fp8_sizes, free_bytes=32 * GiB)
+    assert auto.tier == "offload-encoders" and auto.fp8  # 29.7 GiB
     assert plan_memory("auto", None, fp8=False, sizes=full_sizes, free_bytes=None).tier == "resident"  # the CPU
+    # "fp8" is not a step of "auto": every free size gives one of the three tiers
+    assert {plan_memory("auto", None, fp8=True, sizes=fp8_sizes, free_bytes=gib * GiB).tier for gib in range(1, 81)} \
+        == {"resident", "offload-encoders", "stream-blocks"}
+
+
+def test_fp8_setting_is_offload_encoders_with_fp8(full_sizes):
+    fp8_sizes = estimate_sizes(tiny=False, dtype=torch.bfloat16, fp8=True)
+    plan = plan_memory("fp8", None, fp8=True, sizes=fp8_sizes, free_bytes=80 * GiB)
+    assert plan.tier == "offload-encoders" and plan.fp8 and plan.offload_encoders and not plan.stream_text
+    assert plan.estimated_peak == estimate_peak(fp8_sizes, "offload-encoders")
+    with pytest.raises(ValueError, match="no estimate"):
+        estimate_peak(fp8_sizes, "fp8")
+
+
+@pytest.mark.parametrize("fp8", [None, False, "on"])
+def test_fp8_setting_without_fp8_gemms_names_the_tiers_to_choose(fp8):
+    """One error, whatever --fp8/--no-fp8 says (not "run with --no-fp8", which then said "drop --no-fp8")."""
+    from talkgen.runtime.memory import resolve_plan
+
+    with pytest.raises(ResourceError, match=r"memory tier 'fp8' needs fp8 GEMMs \(.+\); choose offload-encoders or stream-blocks"):
+        resolve_plan(torch.device("cpu"), "fp8", None, fp8, tiny=True, dtype=torch.float32)
 
 
 def test_too_small_budget_is_said_and_explicit_tiers_are_kept(full_sizes):
@@ -354,7 +514,7 @@ def test_pipeline_tiers_match_resident(tiny_dir: Path, tier: str):
 def test_fp8_tier_without_fp8_support_errors_clearly(tiny_dir: Path):
     from talkgen.pipeline.pipeline import Pipeline
 
-    with pytest.raises(ResourceError, match="fp8"):
+    with pytest.raises(ResourceError, match="needs fp8 GEMMs .*choose offload-encoders or stream-blocks"):
         Pipeline.from_pretrained(tiny_dir, "multitalk", device="cpu", memory="fp8")
 
 

@@ -3,19 +3,21 @@
 =================  =========================================================================
 tier               what is on the GPU
 =================  =========================================================================
-resident           everything, all the time (the fastest; about 59 GiB in bf16 at 480p)
+resident           everything, all the time (the fastest; estimated 58.7 GiB in bf16, 41.4 GiB
+                   with fp8, at 480p)
 offload-encoders   the DiT; umT5, the image encoder and the VAE come over from pinned host
-                   memory only while they run (about 46 GiB bf16, 27 GiB with fp8)
-fp8                offload-encoders with the DiT's block GEMMs in fp8 (needs sm89+ and torchao)
+                   memory only while they run (estimated 47.0 GiB in bf16, 29.7 GiB with fp8)
 stream-blocks      the DiT's first N blocks, as many as ``vram_budget_gb`` allows; the others are
                    streamed from pinned host memory through two GPU buffers, the next block's copy
                    overlapping the current block's compute; umT5's layers stream the same way and
                    the VAE decodes in tiles
 =================  =========================================================================
 
-``memory="auto"`` (the default) takes the first tier, in that order (``fp8`` only when fp8 is on),
-whose estimated peak fits ``vram_budget_gb`` or, without a budget, the GPU's free memory. fp8 is
-its own switch (:mod:`talkgen.runtime.fp8`, default on where supported) and applies in every tier.
+``memory="auto"`` (the default) takes the first of resident, offload-encoders and stream-blocks
+whose estimated peak fits the limit: ``vram_budget_gb``, or the GPU's free memory when there is no
+budget or the budget is larger (a note says so). fp8 is its own switch (:mod:`talkgen.runtime.fp8`,
+default on where supported) and applies in every tier. ``memory="fp8"`` is not a tier of its own:
+it is offload-encoders with fp8 forced on (an error where the GPU or torchao cannot run fp8 GEMMs).
 
 Settings: ``Pipeline.from_pretrained(memory=..., vram_budget_gb=..., fp8=...)``, the CLI's
 ``--memory``, ``--vram-budget`` and ``--fp8/--no-fp8``, or ``TALKGEN_MEMORY``,
@@ -23,7 +25,10 @@ Settings: ``Pipeline.from_pretrained(memory=..., vram_budget_gb=..., fp8=...)``,
 
 The budget is peak GPU memory in GiB (``torch.cuda.max_memory_allocated``), not a parameter
 count: the estimate adds the DiT's activations at the 480p bucket (32,928 tokens) and the VAE's
-at 448x896. ``benchmarks/check_tiers.py`` measures the real peaks and the slowdown per tier.
+at 448x896. The plan is made at load time, before any request's size is known, so the estimate is
+for 480p only: a 720p clip (e.g. 704x1280, 960x960) has about 2.3x the tokens and pixels, hence
+about 2.3x the activations (:meth:`MemoryPlan.describe` says so). ``benchmarks/check_tiers.py``
+measures the real peaks and the slowdown per tier.
 """
 
 from __future__ import annotations
@@ -32,18 +37,19 @@ import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from talkgen.errors import ResourceError
 
-TIERS = ("resident", "offload-encoders", "fp8", "stream-blocks")
-MEMORY_SETTINGS = ("auto",) + TIERS
+TIERS = ("resident", "offload-encoders", "stream-blocks")
+# "fp8": offload-encoders with fp8 forced on (a name kept for the CLI; not a step of "auto")
+MEMORY_SETTINGS = ("auto", "resident", "offload-encoders", "fp8", "stream-blocks")
 GiB = 2**30
 REFERENCE_TOKENS = 32_928  # 448x896, 81 frames: the 480p bucket the estimates are made for
-REFERENCE_PIXELS = 448 * 896
+ESTIMATE_SCOPE = "at 480p; a 720p clip needs about 2.3x the activations"
 MARGIN = GiB // 2  # allocator slack kept free under the budget
 
 
@@ -92,7 +98,7 @@ class ModelSizes:
     vae_workspace: int  # the VAE's activations at 448x896, 81 frames, untiled
     vae_workspace_tiled: int
     vae_encode_workspace: int = 0  # the untiled encode of the condition clip (kept untiled: exact latents)
-    runtime_overhead: int = 0  # what stays allocated beside the weights (RoPE tables, conditions, workspaces)
+    runtime_overhead: int = 0  # what stays allocated beside the weights and the streaming buffers (RoPE tables, conditions)
 
     @property
     def dit(self) -> int:
@@ -158,7 +164,10 @@ def estimate_sizes(tiny: bool = False, dtype: torch.dtype = torch.bfloat16, fp8:
     # 6.1 (0.8 GiB of runtime state beside them); the untiled VAE encode of the 81-frame condition
     # clip rose to 14.2 GiB, 6.8 GiB above that plus the VAE's weights: the largest phase of the tier.
     vae_encode_workspace = int(6.8 * GiB) if not tiny else 64 * 2**20
-    runtime_overhead = int(0.8 * GiB) if not tiny else 0
+    # Those 0.8 GiB include umT5's two streaming buffers (allocated at load, on the device in every
+    # phase of that run: 2 x 0.36 GiB); estimate_peak counts the buffers on their own, so they are
+    # taken out here, leaving the rest (RoPE tables, conditions: about 0.08 GiB).
+    runtime_overhead = max(0, int(0.8 * GiB) - 2 * text_block) if not tiny else 0
     return ModelSizes(
         dit_other=dit_other, dit_block=dit_block, dit_blocks=len(dit.blocks), text_other=text_other,
         text_block=text_block, text_blocks=text_blocks, image=_bytes(image, torch.float16), vae=_bytes(vae, torch.float32),
@@ -190,25 +199,29 @@ class MemoryPlan:
             parts.append(f"{self.resident_blocks} DiT blocks resident")
         if self.vae_tiling:
             parts.append("tiled VAE")
-        parts.append(f"estimated peak {self.estimated_peak / GiB:.1f} GiB")
+        parts.append(f"estimated peak {self.estimated_peak / GiB:.1f} GiB ({ESTIMATE_SCOPE})")
         if self.budget_bytes is not None:
             parts.append(f"budget {self.budget_bytes / GiB:.1f} GiB")
         return ", ".join(parts)
 
 
 def estimate_peak(sizes: ModelSizes, tier: str, resident_blocks: int | None = None, slots: int = 2) -> int:
-    """The largest of the phases' GPU use (encoding text, encoding the image, VAE, DiT forward)."""
+    """The largest of the phases' GPU use (encoding text, encoding the image, VAE, DiT forward),
+    at the 480p bucket (see the module's docstring)."""
     s = sizes
     if tier == "resident":
         return s.dit + s.text + s.image + s.vae + max(s.dit_workspace, s.vae_workspace)
-    if tier in ("offload-encoders", "fp8"):
+    if tier == "offload-encoders":
         return s.dit + max(s.dit_workspace, s.text, s.image, s.vae + s.vae_workspace)
+    if tier != "stream-blocks":
+        raise ValueError(f"no estimate for tier {tier!r}: one of {', '.join(TIERS)}")
     resident = s.dit_blocks if resident_blocks is None else resident_blocks
     streamed = s.dit_blocks - resident
     dit = s.dit_other + resident * s.dit_block + (min(slots, streamed) if streamed else 0) * s.dit_block
-    text_phase = s.text_other + 2 * s.text_block  # umT5's own two buffers
+    text_buffers = 2 * s.text_block  # umT5's two streaming buffers: allocated at load, kept in every phase
+    text_phase = s.text_other  # umT5's embedding and final norm come over while it runs
     vae_phase = s.vae + max(s.vae_encode_workspace, s.vae_workspace_tiled)  # encode untiled, decode tiled
-    return dit + s.runtime_overhead + max(s.dit_workspace, text_phase, s.image, vae_phase)
+    return dit + text_buffers + s.runtime_overhead + max(s.dit_workspace, text_phase, s.image, vae_phase)
 
 
 def resident_blocks_for(sizes: ModelSizes, budget: int, slots: int = 2) -> int:
@@ -230,13 +243,22 @@ def plan_memory(
     slots: int = 2,
 ) -> MemoryPlan:
     """Choose the tier. ``free_bytes``: the device's free memory (``None`` on the CPU, where
-    ``"auto"`` means resident and an explicit tier is honoured as it would be on a GPU)."""
+    ``"auto"`` means resident and an explicit tier is honoured as it would be on a GPU). The limit
+    planned for is the smaller of the budget and the free memory (a budget above what the GPU has
+    free is not trusted; a note says so). ``"fp8"`` is offload-encoders with ``fp8`` required."""
     setting = parse_memory(setting)
     budget = None if budget_gb is None else int(budget_gb * GiB)
-    limit = budget if budget is not None else free_bytes
     notes: list[str] = []
-    if setting == "fp8" and not fp8:
-        raise ResourceError("memory tier 'fp8' needs fp8 weights: drop --no-fp8 / TALKGEN_FP8=off, or choose another tier.")
+    if budget is not None and free_bytes is not None and budget > free_bytes:
+        notes.append(f"the {budget / GiB:.1f} GiB budget is more than the {free_bytes / GiB:.1f} GiB free on the GPU: "
+                     f"planned for {free_bytes / GiB:.1f} GiB")
+        limit: int | None = free_bytes
+    else:
+        limit = budget if budget is not None else free_bytes
+    if setting == "fp8":
+        if not fp8:
+            raise ResourceError("memory tier 'fp8' needs fp8 weights: drop --no-fp8 / TALKGEN_FP8=off, or choose another tier.")
+        setting = "offload-encoders"  # with fp8 on, which the sizes already reflect
 
     def make(tier: str) -> MemoryPlan:
         if tier == "stream-blocks":
@@ -255,7 +277,7 @@ def plan_memory(
         return make(setting)
     if limit is None:
         return make("resident")
-    for tier in ("resident", "offload-encoders") + (("fp8",) if fp8 else ()):
+    for tier in ("resident", "offload-encoders"):
         if estimate_peak(sizes, tier) + MARGIN <= limit:
             return make(tier)
     return make("stream-blocks")
@@ -387,15 +409,14 @@ def resolve_plan(
     dit_config=None,
 ) -> MemoryPlan:
     """From the arguments (or the ``TALKGEN_*`` variables) and the device to a plan."""
-    from talkgen.runtime.fp8 import resolve_fp8
+    from talkgen.runtime.fp8 import fp8_unsupported_reason, resolve_fp8
 
     setting = parse_memory(memory)
     budget = parse_budget(vram_budget_gb)
+    if setting == "fp8":
+        reason = fp8_unsupported_reason(device)
+        if reason is not None:
+            raise ResourceError(f"memory tier 'fp8' needs fp8 GEMMs ({reason}); choose offload-encoders or stream-blocks")
     use_fp8 = resolve_fp8("on" if setting == "fp8" and fp8 is None else fp8, device)
     sizes = estimate_sizes(tiny=tiny, dtype=dtype, fp8=use_fp8, dit_config=dit_config)
     return plan_memory(setting, budget, fp8=use_fp8, sizes=sizes, free_bytes=free_device_memory(device))
-
-
-def with_resident_blocks(plan: MemoryPlan, resident: int) -> MemoryPlan:
-    """The same plan with an explicit number of resident DiT blocks (tests, benchmarks)."""
-    return replace(plan, resident_blocks=resident)

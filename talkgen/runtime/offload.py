@@ -21,12 +21,14 @@ movement stays outside the compiled region, in forward hooks. Tensor subclasses 
 
 The device side is an :class:`Engine`: :class:`CudaEngine` on a GPU (side stream, events, pinned
 memory), :class:`HostEngine` on the CPU (synchronous copies), which is how the tests run the same
-code on a machine without a GPU.
+code on a machine without a GPU. The only host synchronisation is :meth:`HostEngine.synchronize`,
+called when an owner of registered host memory is collected (never while blocks run).
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -54,11 +56,16 @@ class HostEngine:
         if self.log is not None:
             self.log.append(entry)
 
-    def host_buffer(self, nbytes: int) -> torch.Tensor:
+    def host_buffer(self, nbytes: int, owner: object = None) -> torch.Tensor:
+        """``nbytes`` of host memory that ``owner`` keeps (on a GPU: page-locked while it lives)."""
         return torch.empty(nbytes, dtype=torch.uint8)
 
     def device_buffer(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+
+    def synchronize(self) -> None:
+        """Block the host until every copy enqueued so far has finished (teardown only)."""
+        self._note("synchronize")
 
     def event(self, name: str = "") -> object:
         return _Event(name)
@@ -91,8 +98,8 @@ class CudaEngine(HostEngine):
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.stream = torch.cuda.Stream(self.device)
 
-    def host_buffer(self, nbytes: int) -> torch.Tensor:
-        return pinned_buffer(nbytes)
+    def host_buffer(self, nbytes: int, owner: object = None) -> torch.Tensor:
+        return pinned_buffer(nbytes, owner, synchronize=self.synchronize)
 
     def device_buffer(self, nbytes: int) -> torch.Tensor:
         buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
@@ -118,28 +125,52 @@ class CudaEngine(HostEngine):
             dst.copy_(src, non_blocking=True)
             done.record(self.stream)
 
+    def synchronize(self) -> None:
+        self.stream.synchronize()  # every copy from host memory runs on this stream
+
 
 def engine_for(device: torch.device | str) -> HostEngine:
     device = torch.device(device)
     return CudaEngine(device) if device.type == "cuda" else HostEngine(device)
 
 
-def pinned_buffer(nbytes: int) -> torch.Tensor:
-    """``nbytes`` of page-locked host memory, registered at its exact size."""
+def pinned_buffer(nbytes: int, owner: object = None, synchronize=None) -> torch.Tensor:
+    """``nbytes`` of page-locked host memory, registered at its exact size for as long as ``owner``
+    lives: when ``owner`` is collected, ``synchronize`` (which waits for every copy that may read
+    the buffer) runs, then the memory is unregistered and the buffer let go. Without an owner, or
+    where registering fails, the caching pinned allocator's memory (freed with the tensor)."""
     buffer = torch.empty(nbytes, dtype=torch.uint8)
     if nbytes == 0:
         return buffer
+    if owner is None:
+        return buffer.pin_memory()
     try:
         status = int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), nbytes, 1))  # 1: portable
     except (AttributeError, RuntimeError):
         status = -1
     if status != 0:  # registering failed (or is unavailable): the caching pinned allocator instead
         return buffer.pin_memory()
-    _REGISTERED.append(buffer)  # registered memory must outlive every copy from it: keep it
+    # The finalizer holds the buffer itself, so the memory stays allocated (and registered) until
+    # the owner is gone, however the views into it come and go; it must not reference the owner.
+    finalizer = weakref.finalize(owner, _unregister, buffer, synchronize)
+    finalizer.atexit = False  # at interpreter exit the process's memory goes anyway
     return buffer
 
 
-_REGISTERED: list[torch.Tensor] = []
+def _unregister(buffer: torch.Tensor, synchronize) -> None:
+    """Unregister ``buffer``'s page-locked memory once no copy from it can be in flight; the
+    buffer is then let go. Where that cannot be made sure, the buffer is kept for good."""
+    try:
+        if synchronize is not None:
+            synchronize()
+        status = int(torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr()))
+    except (AttributeError, RuntimeError):
+        status = -1
+    if status != 0:
+        _KEPT.append(buffer)
+
+
+_KEPT: list[torch.Tensor] = []  # registered buffers whose release failed: never freed while possibly in use
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,6 +242,11 @@ class Layout:
         """Equal for modules whose tensors can share one buffer layout (identical blocks)."""
         return tuple((s.module, s.name, tuple(p[1:] for p in s.pieces)) for s in self.slots)
 
+    def structure(self) -> tuple:
+        """The tensors' names and shapes only (equal before a ``prepare`` that casts or quantizes
+        identical blocks alike)."""
+        return tuple((s.module, s.name, s.is_param, tuple((p[0], p[3]) for p in s.pieces)) for s in self.slots)
+
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Each tensor of the layout as a view into ``flat`` (subclasses rebuilt around the views)."""
         out = []
@@ -265,7 +301,7 @@ class ModuleOffloader:
     def __init__(self, module: nn.Module, engine: HostEngine, exclude: Sequence[str] = (), name: str = ""):
         self.module, self.engine, self.name = module, engine, name or type(module).__name__
         self.layout = Layout(module, exclude)
-        self.host = engine.host_buffer(self.layout.nbytes)
+        self.host = engine.host_buffer(self.layout.nbytes, owner=self)  # pinned while this offloader lives
         self.layout.pack(module, self.host)
         self.layout.bind(module, self.host)  # the originals (on whatever device) are released
         self._ready = engine.event(f"{self.name}:ready")
@@ -338,8 +374,14 @@ class BlockStreamer:
         self.buffers: list[torch.Tensor] = []
         self.layout: Layout | None = None
         self._handles = []
-        # Block by block, so the device never holds more than the resident blocks, the buffers and
-        # the block in hand (``prepare``, e.g. to the GPU and to fp8, runs on each block first).
+        # 1. Every streamed block's layout, compared before anything is moved or rebound: a stack
+        #    whose blocks differ (T5's first layer has the relative-attention bias) is refused with
+        #    every block as it was, so the caller can fall back to moving the stack whole.
+        self._check_identical([Layout(blocks[index]) for index in self.streamed], first=resident, key=Layout.structure)
+        # 2. Block by block, so the device never holds more than the resident blocks and the block
+        #    in hand (``prepare``, e.g. to the GPU and to fp8, runs on each block first): a streamed
+        #    block is packed into its host buffer and bound to it (still whole and valid there).
+        layouts = []
         for index, block in enumerate(blocks):
             if prepare is not None:
                 prepare(block)
@@ -347,18 +389,21 @@ class BlockStreamer:
                 block.to(engine.device)
                 continue
             layout = Layout(block)
-            if self.layout is None:
-                self.layout = layout
-                self.buffers = [engine.device_buffer(layout.nbytes) for _ in range(self.num_slots)]
-            elif layout.signature() != self.layout.signature():
-                raise ValueError(f"{name}: block {index} differs in shape from block {resident}; only identical blocks stream")
-            host = engine.host_buffer(layout.nbytes)
-            self.layout.pack(block, host)
+            host = engine.host_buffer(layout.nbytes, owner=self)  # pinned while this streamer lives
+            layout.pack(block, host)
+            layout.bind(block, host)
+            layouts.append(layout)
             self.hosts.append(host)
-            # From now on the block's tensors are views of its buffer; the host copy is the only other.
-            self.layout.bind(block, self.buffers[(index - resident) % self.num_slots])
         if not self.streamed:
             return
+        # ``prepare`` kept them identical (if not: refused, each block still whole in its host buffer)
+        self._check_identical(layouts, first=resident, key=Layout.signature)
+        # 3. Only now the slot buffers, and the blocks' tensors become views of them: from here on
+        #    the host copy is a block's only other copy (the first fetches fill the buffers below).
+        self.layout = layouts[0]
+        self.buffers = [engine.device_buffer(self.layout.nbytes) for _ in range(self.num_slots)]
+        for i, index in enumerate(self.streamed):
+            self.layout.bind(blocks[index], self.buffers[i % self.num_slots])
         self.ready = [engine.event(f"{name}:ready{s}") for s in range(self.num_slots)]
         self.free = [engine.event(f"{name}:free{s}") for s in range(self.num_slots)]
         self.holds: list[int | None] = [None] * self.num_slots  # which streamed block each buffer holds (or is getting)
@@ -369,6 +414,12 @@ class BlockStreamer:
             block = blocks[index]
             self._handles.append(block.register_forward_pre_hook(lambda _m, _a, i=i: self._before(i)))
             self._handles.append(block.register_forward_hook(lambda _m, _a, _o, i=i: self._after(i)))
+
+    def _check_identical(self, layouts: list[Layout], first: int, key) -> None:
+        for offset, layout in enumerate(layouts[1:], start=1):
+            if key(layout) != key(layouts[0]):
+                raise ValueError(f"{self.name}: block {first + offset} differs in shape from block {first}; "
+                                 "only identical blocks stream")
 
     # -- accounting --------------------------------------------------------------------------
 
@@ -426,8 +477,3 @@ def _module_bytes(module: nn.Module) -> int:
     for tensor in list(module.parameters()) + list(module.buffers()):
         total += sum(leaf.numel() * leaf.element_size() for _, leaf in inner_tensors(tensor))
     return total
-
-
-def module_bytes(module: nn.Module) -> int:
-    """Bytes of ``module``'s parameters and buffers (inner tensors of subclasses counted)."""
-    return _module_bytes(module)

@@ -23,12 +23,31 @@ from talkgen.errors import TalkgenError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Portrait + speech -> lip-synced talking video.")
 console = Console(stderr=True)
+# A rank other than 0 of a multi-process run (``--gpus N``): its console is quiet (rank 0 reports
+# progress and notes), its errors go to stderr after "rank N:" (:func:`print_error`).
+follower_rank: int | None = None
 
 STAGE_LABELS = {
     "load": "loading weights", "audio": "reading speech", "text": "encoding prompt", "image": "encoding image",
     "condition": "encoding condition frame", "sample": "sampling", "decode": "decoding video", "write": "writing mp4",
     "scenes": "detecting shots", "shot": "shots",
 }
+
+
+def print_error(*parts) -> None:
+    """One error line (``Text.assemble`` parts). On a rank other than 0 of a multi-process run,
+    whose console is quiet, it goes to stderr after ``rank N:``: rank 0 may be waiting for that
+    rank in a collective, so this line is all the user gets to see of the failure."""
+    if follower_rank is None:
+        console.print(Text.assemble(*parts), highlight=False, soft_wrap=True)
+    else:
+        Console(stderr=True).print(Text.assemble((f"rank {follower_rank}: ", "bold"), *parts), highlight=False,
+                                   soft_wrap=True)
+
+
+def repeats_rank_0(exc: BaseException) -> bool:
+    """On another rank, an error rank 0 had and has printed (``raise_leader_error``): said once."""
+    return follower_rank is not None and getattr(exc, "reported_by_rank_0", False)
 
 
 def reports_errors(command):
@@ -39,7 +58,8 @@ def reports_errors(command):
         try:
             return command(*args, **kwargs)
         except TalkgenError as exc:
-            console.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False, soft_wrap=True)
+            if not repeats_rank_0(exc):
+                print_error(("error: ", "bold red"), str(exc))
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             console.print("interrupted")
@@ -47,8 +67,9 @@ def reports_errors(command):
         except Exception as exc:  # a bug: say so plainly
             if os.environ.get("TALKGEN_DEBUG"):
                 raise
-            console.print(Text.assemble(("internal error: ", "bold red"), f"{type(exc).__name__}: {exc} (run with TALKGEN_DEBUG=1 for the traceback)"),
-                          highlight=False, soft_wrap=True)
+            if not repeats_rank_0(exc):
+                print_error(("internal error: ", "bold red"),
+                            f"{type(exc).__name__}: {exc} (run with TALKGEN_DEBUG=1 for the traceback)")
             raise typer.Exit(2) from None
 
     return wrapper
@@ -153,11 +174,13 @@ def ranks(command: str, gpus: int, device: str | None, arguments: dict):
     if not launched():
         names = inspect.signature(globals()[command]).parameters
         raise SystemExit(launch(command, gpus, {name: arguments[name] for name in names}, device))
+    global follower_rank
+    rank = int(os.environ.get("RANK", 0))
+    if rank != 0:  # rank 0 reports progress and notes; errors still show (print_error)
+        follower_rank, console.quiet = rank, True
     if world_size() != gpus:
         raise TalkgenError(f"--gpus {gpus}, but this process is one of {world_size()} (torchrun): make them agree.")
     parallel = launched_parallel(device)
-    if parallel.rank != 0:
-        console.quiet = True  # rank 0 reports
     return parallel, rank_device(device)
 
 

@@ -117,7 +117,7 @@ def test_int8_qk_with_16_bit_pv(cfg):
 @needs_interpreter
 def test_quantization_prepass():
     q, k, v = _qkv(1, 2, 130, dtype=torch.bfloat16, seed=4)
-    qd = kernels.quantize_fp8(q, k, v, block_n=64)
+    qd = kernels.quantize_qkv(q, k, v, block_n=64)
     LP = qd["LP"]
     assert LP % kernels.PAD == 0 and LP >= 130
     q8 = qd["q8"].view(1, 2, LP, 128)
@@ -172,8 +172,33 @@ def test_backend_setting(monkeypatch):
 
 
 def test_attention_uses_sdpa_on_cpu(monkeypatch):
+    """A problem the Triton kernels would take on a GPU (the shape check passed) still goes to
+    SDPA on the CPU, whatever TALKGEN_ATTENTION forces."""
     from talkgen.models import attention as attn
 
+    triton_calls = []
+    monkeypatch.setattr(attn, "_fits_triton", lambda q, k, v: True)  # the backend choice decides alone
+    monkeypatch.setattr(attn, "flash_attention", lambda *args: triton_calls.append(args[-1]))
+    q, k, v = _qkv(1, 2, 64, dtype=torch.bfloat16)
+    for value in ("auto", "triton", "triton-fp8", "triton-fp8-fast"):
+        monkeypatch.setenv("TALKGEN_ATTENTION", value)
+        assert torch.equal(attn.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    assert triton_calls == []
+
+
+def test_bad_setting_refused_when_the_model_loads(monkeypatch, tmp_path):
+    """A bad TALKGEN_ATTENTION is refused by from_pretrained before any weights load (on the CPU
+    too, where self-attention never consults it), naming the setting and the accepted values;
+    not later, from inside torch.compile's trace of the first forward."""
+    from talkgen.errors import TalkgenError
+    from talkgen.models import attention as attn
+    from talkgen.pipeline.pipeline import Pipeline
+
+    monkeypatch.setenv("TALKGEN_ATTENTION", "flash")
+    with pytest.raises(TalkgenError, match="TALKGEN_ATTENTION='flash'.*auto, sdpa, triton, triton-fp8, triton-fp8-fast"):
+        attn.check_backend("cpu")
+    with pytest.raises(TalkgenError, match="TALKGEN_ATTENTION='flash'.*auto, sdpa, triton, triton-fp8, triton-fp8-fast"):
+        Pipeline.from_pretrained(tmp_path / "tiny", "tiny", device="cpu")
+    assert not (tmp_path / "tiny").exists()  # refused before the tiny weights were even written
     monkeypatch.setenv("TALKGEN_ATTENTION", "triton")
-    q, k, v = _qkv(1, 2, 64, dtype=torch.float32)
-    assert torch.allclose(attn.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    assert attn.check_backend("cpu") == "sdpa"

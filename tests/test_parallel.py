@@ -193,3 +193,54 @@ def test_pack_tensors_round_trip() -> None:
     assert back["none"] is None
     assert torch.equal(back["x"], values["x"]) and torch.equal(back["flags"], values["flags"])
     assert all(torch.equal(a, b) for a, b in zip(back["context"], values["context"]))
+
+
+# -- TeaCache decisions agreed by every rank -------------------------------------------------------
+
+TEACACHE_STEPS = 10
+# Ranks that decided alone: rank 0 (every step looks alike) skips at 5, 6, 7, 9 and computes at 8;
+# rank 1 sees a jump at step 6 (its second comparison) and computes there. Agreed (compute if any
+# rank computes), both skip at 5, compute at 6 (rank 0's accumulator reset too), then skip 7-9.
+AGREED = [True] * 5 + [False, True, False, False, False]
+
+
+def _teacache_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    from datetime import timedelta
+
+    import talkgen.sampling.teacache as teacache
+    from talkgen.runtime.parallel import ParallelDiT
+    from talkgen.sampling.teacache import TeaCache
+
+    torch.set_num_threads(1)
+    calls = iter(range(100))
+    # each rank its own signal; apart, rank 0 would skip step 6 while rank 1 enters the blocks'
+    # all-to-alls (a hang: the 60 s timeout makes it an error)
+    teacache.relative_l1 = lambda signal, previous: 1.0 if rank == 1 and next(calls) == 1 else 0.0
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        dit = ParallelDiT(_wide_model(), SequenceParallel())
+        if rank == 0:
+            cache = TeaCache(TEACACHE_STEPS, 0.5)
+            inputs = _random_inputs(WIDE_HEADS, (3, 4, 4), 1)
+            with torch.no_grad():
+                for step in range(TEACACHE_STEPS):
+                    runner = cache.runner(("cond",), step)
+                    runner.teacache = (cache, ("cond",), step)
+                    dit(**inputs, block_runner=runner)
+            dit.done(result={})
+            dit.close()
+        else:
+            assert dit.follow()[0] == "done"
+            cache = next(iter(dit._caches.values()))
+            dit.release()
+        torch.save(cache.table(["cond"]), Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_teacache_decisions_agree_across_ranks(tmp_path: Path) -> None:
+    """Ranks whose own TeaCache decisions differ still skip the blocks together."""
+    mp.spawn(_teacache_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    tables = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert tables[0] == tables[1] == [[c] for c in AGREED]

@@ -71,15 +71,40 @@ def _as_rank(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
 
 
+def _spy_on_encoder_loaders() -> list[str]:
+    """Record every load of a text, image or audio encoder or a VAE in this process."""
+    from talkgen.models.audio_encoder import AudioEncoder
+    from talkgen.models.image_encoder import ImageEncoder
+    from talkgen.models.text_encoder import TextEncoder
+    from talkgen.models.vae import VideoVAE
+
+    loaded: list[str] = []
+    for cls, names in ((TextEncoder, ("from_original", "from_diffusers")), (ImageEncoder, ("from_original", "from_diffusers")),
+                       (VideoVAE, ("from_original", "from_diffusers")), (AudioEncoder, ("from_pretrained",))):
+        for name in names:
+            load = getattr(cls, name).__func__
+
+            def spy(owner, *args, _load=load, _what=f"{cls.__name__}.{name}", **kwargs):
+                loaded.append(_what)
+                return _load(owner, *args, **kwargs)
+
+            setattr(cls, name, classmethod(spy))
+    return loaded
+
+
 def _generate_rank(rank: int, world: int, port: int, weights: str, inputs: dict, out_dir: str) -> None:
     from talkgen.pipeline.pipeline import Pipeline
     from talkgen.runtime.launch import launched_parallel
 
     _as_rank(rank, world, port)
     _still_signal()
+    loaded = _spy_on_encoder_loaders()
     sp = launched_parallel("cpu")
     pipe = Pipeline.from_pretrained(weights, "tiny", device="cpu", parallel=sp)
     assert (pipe.vae is None) == (rank != 0)  # the VAE and the encoders live on rank 0 only
+    # the other ranks do not even read them, and plan their memory for the DiT alone
+    assert len(loaded) == (4 if rank == 0 else 0), loaded
+    peak = pipe.memory.plan.estimated_peak
     latents, skipped = [], []
 
     def on_chunk(chunk) -> None:
@@ -89,7 +114,7 @@ def _generate_rank(rank: int, world: int, port: int, weights: str, inputs: dict,
     result = pipe.generate(_stream_request(inputs), on_chunk=on_chunk)
     frames = None if result.frames is None else torch.from_numpy(np.ascontiguousarray(result.frames))
     torch.save({"frames": frames, "num_frames": result.num_frames, "seed": result.seed,
-                "latents": latents, "skipped": skipped}, Path(out_dir) / f"rank{rank}.pt")
+                "latents": latents, "skipped": skipped, "peak": peak}, Path(out_dir) / f"rank{rank}.pt")
 
 
 @pytest.mark.slow
@@ -115,6 +140,7 @@ def test_pipeline_on_two_ranks_matches_one_process(tiny_weights: Path, inputs: d
     # the other rank made no frames and ran no chunk loop, but gets rank 0's result
     assert follower["frames"] is None and follower["latents"] == []
     assert (follower["num_frames"], follower["seed"]) == (single.num_frames, single.seed) == (13, 7)
+    assert 0 < follower["peak"] < leader["peak"]  # the follower's memory plan counts no encoder or VAE
 
 
 def _frames(path: Path) -> np.ndarray:
@@ -123,7 +149,7 @@ def _frames(path: Path) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_cli_generate_gpus_2_on_cpu(tiny_weights: Path, inputs: dict, tmp_path: Path) -> None:
+def test_cli_generate_gpus_2_on_cpu(tiny_weights: Path, inputs: dict, tmp_path: Path, capfd) -> None:
     """`--gpus 2` without GPUs: two CPU processes (torchrun's launcher); the same video, and an
     error stays one sentence with rank 0's exit code."""
     from talkgen.cli import app
@@ -143,8 +169,55 @@ def test_cli_generate_gpus_2_on_cpu(tiny_weights: Path, inputs: dict, tmp_path: 
 
     bad = tmp_path / "bad.wav"
     bad.write_bytes(b"not audio")
+    capfd.readouterr()
     result = runner.invoke(app, [str(a) for a in common + ["--audio", bad, "--output", tmp_path / "bad.mp4", "--gpus", 2]])
     assert result.exit_code == 1
+    # the ranks print to the terminal (stderr): rank 0 says it once; rank 1, which got it from
+    # rank 0, does not repeat it
+    err = capfd.readouterr().err
+    assert err.count("error: ") == 1 and "bad.wav" in err and "rank 1:" not in err, err
+
+
+# Loaded in every process started with this folder on PYTHONPATH (the ranks the launcher spawns):
+# Pipeline.from_pretrained fails on the rank TALKGEN_TEST_FAIL_RANK names.
+FAIL_ON_RANK = """
+import os
+
+if os.environ.get("TALKGEN_TEST_FAIL_RANK"):
+    import torch
+    from talkgen.pipeline.pipeline import Pipeline
+
+    _load = Pipeline.from_pretrained.__func__
+
+    def _fail_on_one_rank(cls, *args, **kwargs):
+        if os.environ.get("RANK") == os.environ["TALKGEN_TEST_FAIL_RANK"]:
+            raise torch.OutOfMemoryError("simulated: out of memory while loading the DiT")
+        return _load(cls, *args, **kwargs)
+
+    Pipeline.from_pretrained = classmethod(_fail_on_one_rank)
+"""
+
+
+@pytest.mark.slow
+def test_cli_error_on_another_rank_is_shown(tiny_weights: Path, inputs: dict, tmp_path: Path, capfd,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure on rank 1 (whose console is quiet: rank 0 reports progress) still reaches the
+    user, on stderr after "rank 1:", while rank 0 waits for it in a collective until the
+    launcher ends it; the exit code is not 0."""
+    from talkgen.cli import app
+
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(FAIL_ON_RANK)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path / "site"), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("TALKGEN_TEST_FAIL_RANK", "1")
+    args = ["generate", "--weights", tiny_weights, "--model", "tiny", "--image", inputs["image"], "--audio",
+            inputs["audio"], "--steps", 1, "--frame-num", 5, "--device", "cpu", "--output", tmp_path / "out.mp4", "--gpus", 2]
+    capfd.readouterr()
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    err = capfd.readouterr().err
+    assert result.exit_code != 0
+    assert "rank 1: internal error: OutOfMemoryError: simulated: out of memory while loading the DiT" in err, err
+    assert not (tmp_path / "out.mp4").exists()
 
 
 class RecordingReporter:

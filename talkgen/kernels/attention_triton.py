@@ -90,12 +90,6 @@ BF16_BEATS_SDPA = False
 PAD = 256  # 8-bit buffers are padded to a multiple of this many tokens (>= any block size)
 
 
-def hopper_tma_available(device: torch.device) -> bool:
-    """Tensor descriptors need Triton >= 3.4 and a GPU of compute capability 9.0 or newer."""
-    return (TensorDescriptor is not None and device.type == "cuda"
-            and torch.cuda.get_device_capability(device)[0] >= 9)
-
-
 # ------------------------------------------------------------------------------------------------
 # Device helpers
 
@@ -540,7 +534,7 @@ def attention_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: Co
     return out.transpose(1, 2)
 
 
-def quantize_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int, qk_int8: bool = True,
+def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int, qk_int8: bool = True,
                  pv_fp8: bool = True) -> dict:
     """The 8-bit kernel's inputs: smoothed, quantized Q/K (per token / per ``block_n`` tokens),
     V^T in e4m3 per channel (when ``pv_fp8``), and their scales (Q's include 1/sqrt(D), log2(e))."""
@@ -583,7 +577,7 @@ def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: Con
     if cfg.tma and not cfg.pv_fp8 and _view_2d(v) is None:
         v = v.contiguous()
     v_view = _view_2d(v)
-    qd = quantize_fp8(q, k, v, cfg.block_n, cfg.qk_int8, cfg.pv_fp8)
+    qd = quantize_qkv(q, k, v, cfg.block_n, cfg.qk_int8, cfg.pv_fp8)
     LP = qd["LP"]
     out = _empty_out(q)
     sub = cfg.block_m // cfg.split

@@ -65,6 +65,18 @@ def resolve_backend(device_type: str, device_index: int = 0) -> str:
     return setting
 
 
+def check_backend(device: torch.device | str) -> str:
+    """:func:`resolve_backend` for ``device``, called when a model is loaded: a bad
+    ``TALKGEN_ATTENTION`` (on any device, the CPU included) or a forced Triton backend without
+    Triton is then one clear :class:`TalkgenError` before the weights load, instead of an error
+    raised inside torch.compile's tracing of the first forward (``assume_constant_result``)."""
+    device = torch.device(device)
+    index = 0
+    if device.type == "cuda" and torch.cuda.is_available():
+        index = device.index if device.index is not None else torch.cuda.current_device()
+    return resolve_backend(device.type, index)
+
+
 def describe_backend() -> str:
     """One line for ``talkgen info``: the self-attention backend on the first GPU (or the CPU)."""
     try:
@@ -109,7 +121,7 @@ def _fits_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Non-causal softmax attention, no mask. ``q``: [B, H, Lq, D]; ``k``, ``v``: [B, H, Lk, D]."""
     if _fits_triton(q, k, v):
-        backend = resolve_backend("cuda", q.device.index or 0)
+        backend = resolve_backend(q.device.type, q.device.index or 0)
         if backend != "sdpa":
             return flash_attention(q, k, v, backend)
     return F.scaled_dot_product_attention(q, k, v)

@@ -140,6 +140,22 @@ def check_weights(weights_dir: Path, model: str, people: str = "single", *, audi
             raise WeightsError(f"{path} is missing: it belongs to {weight_set.name} ({weight_set.repo_id}); get it with `{command}`.")
 
 
+def dit_only_plan(device: torch.device, memory: str | None = None, vram_budget_gb: float | None = None,
+                  fp8: bool | str | None = None, *, tiny: bool = False, dtype: torch.dtype = torch.bfloat16):
+    """:func:`talkgen.runtime.memory.resolve_plan` for a process that loads the DiT alone
+    (``load_components(..., dit_only=True)``): the peak counts no text or image encoder, VAE or
+    VAE workspace, so the tier is chosen from what that GPU really holds."""
+    from talkgen.runtime.fp8 import resolve_fp8
+    from talkgen.runtime.memory import estimate_sizes, free_device_memory, parse_budget, parse_memory, plan_memory
+
+    setting = parse_memory(memory)
+    budget = parse_budget(vram_budget_gb)
+    use_fp8 = resolve_fp8("on" if setting == "fp8" and fp8 is None else fp8, device)
+    sizes = dataclasses.replace(estimate_sizes(tiny=tiny, dtype=dtype, fp8=use_fp8), text_other=0, text_block=0,
+                                image=0, vae=0, vae_workspace=0, vae_workspace_tiled=0, vae_encode_workspace=0)
+    return plan_memory(setting, budget, fp8=use_fp8, sizes=sizes, free_bytes=free_device_memory(device))
+
+
 def load_components(
     weights_dir: Path,
     model: str,
@@ -151,13 +167,15 @@ def load_components(
     progress: ProgressCallback = no_progress,
     dit_device: torch.device | None = None,
     encoder_device: torch.device | None = None,
+    dit_only: bool = False,
 ) -> dict:
     """Every component of ``weights_dir``, on ``device`` in ``dtype`` (the VAE and wav2vec2 in float32).
 
     ``dit_device`` / ``encoder_device`` (default ``device``): where the DiT / the text encoder, image
     encoder and VAE are loaded when a memory tier keeps them elsewhere between uses (the CPU, from
     where :mod:`talkgen.runtime.memory` moves them into pinned memory); the dtypes stay those of
-    ``device``.
+    ``device``. ``dit_only``: load the DiT alone (the other ranks of a sequence-parallel pipeline,
+    where the encoders and the VAE run on rank 0 only); the other components are None.
     """
     from talkgen.models.audio_encoder import AudioEncoder
     from talkgen.models.image_encoder import ImageEncoder, ImageEncoderConfig
@@ -192,6 +210,9 @@ def load_components(
                           layout="diffusers")
     else:
         dit, _ = load_dit(base, audio_file, dtype=dtype, device=dit_device)
+    if dit_only:
+        progress(ProgressEvent("load", 5, 5))
+        return dict(dit=dit, vae=None, text_encoder=None, image_encoder=None, audio_encoder=None)
     progress(ProgressEvent("load", 1, 5))
     # The reference runs the image encoder in float16 on the GPU; its tokens are cast to the DiT's dtype.
     clip_dtype = torch.float16 if compute_device.type == "cuda" else torch.float32

@@ -195,11 +195,13 @@ class Pipeline:
         this and then :meth:`generate` (:class:`talkgen.runtime.launch.ParallelPipeline`): rank 0
         runs the pipeline, the other ranks keep only the DiT and run their shard of its forwards.
         """
-        from talkgen.pipeline.loading import is_tiny, load_components
+        from talkgen.models.attention import check_backend
+        from talkgen.pipeline.loading import dit_only_plan, is_tiny, load_components
         from talkgen.runtime.compile import compile_blocks, compile_enabled
 
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        check_backend(device)  # a bad TALKGEN_ATTENTION now, not while compiling the first forward
         if parallel is not None and model == "tiny":  # rank 0 writes the tiny model, once
             from talkgen.pipeline.tiny import ensure_tiny_weights
 
@@ -208,16 +210,16 @@ class Pipeline:
             parallel.barrier()
         from talkgen.runtime.memory import apply_plan, resolve_plan
 
-        plan = resolve_plan(device, memory, vram_budget_gb, fp8, tiny=model == "tiny" or is_tiny(Path(weights_dir)), dtype=dtype)
+        # the other ranks run DiT shards only: the encoders and the VAE run once, on rank 0
+        follower = parallel is not None and parallel.rank != 0
+        tiny = model == "tiny" or is_tiny(Path(weights_dir))
+        plan = (dit_only_plan if follower else resolve_plan)(device, memory, vram_budget_gb, fp8, tiny=tiny, dtype=dtype)
         # Components that will not stay whole on the GPU are loaded on the host first.
         host = torch.device("cpu")
-        follower = parallel is not None and parallel.rank != 0  # runs DiT shards only
         components = load_components(Path(weights_dir), model, people=people, device=device, dtype=dtype,
                                      quant_file=quant_file, progress=progress,
                                      dit_device=host if plan.tier == "stream-blocks" or plan.fp8 else device,
-                                     encoder_device=host if plan.offload_encoders or follower else device)
-        if follower:  # the encoders and the VAE run once, on rank 0
-            components.update(vae=None, text_encoder=None, image_encoder=None, audio_encoder=None)
+                                     encoder_device=host if plan.offload_encoders else device, dit_only=follower)
         if loras:
             from talkgen.weights.lora import merge_loras
 

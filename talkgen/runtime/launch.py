@@ -117,7 +117,8 @@ def launch(command: str, nprocs: int, params: dict, device: str | None = None) -
 
 
 def _rank_main(command: str, params: dict) -> None:
-    """One launched process: the same CLI command, run as this rank (only rank 0 prints)."""
+    """One launched process: the same CLI command, run as this rank (only rank 0 reports progress;
+    the errors of another rank go to stderr after "rank N:", see :func:`talkgen.cli.print_error`)."""
     import click
 
     from talkgen import cli
@@ -144,11 +145,15 @@ def result_summary(result: Result) -> dict:
 
 
 def raise_leader_error(payload: dict) -> None:
-    """Rank 0's error, raised again on another rank (the same TalkgenError class where it is one)."""
+    """Rank 0's error, raised again on another rank (the same TalkgenError class where it is one).
+    It is marked ``reported_by_rank_0``: rank 0 prints it, the CLI of the other ranks does not."""
     cls = getattr(errors, payload["error"], None)
     if isinstance(cls, type) and issubclass(cls, errors.TalkgenError):
-        raise cls(payload["message"])
-    raise ParallelError(f"rank 0 failed: {payload['error']}: {payload['message']}")
+        error = cls(payload["message"])
+    else:
+        error = ParallelError(f"rank 0 failed: {payload['error']}: {payload['message']}")
+    error.reported_by_rank_0 = True
+    raise error
 
 
 class ParallelPipeline(Pipeline):

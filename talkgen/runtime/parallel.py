@@ -282,18 +282,31 @@ class ShardPlan:
             out = self._pad(attention(qg, kg, vg), 2)  # [B, hg, N*n, D]
             back[g].copy_(out.unflatten(2, (n_ranks, n)).permute(2, 0, 3, 1, 4))
             outbound.append(sp.all_to_all_into(result[g], back[g]))
-            if person_masks is not None:  # head mean of this group, weighted by its size below
-                mass = compute_person_map(qg, kg, person_masks)
-                person_sum = mass if person_sum is None else person_sum + mass
+            person_sum = self._add_person_map(person_sum, qg, kg, person_masks)
         for handle in outbound:
             if handle is not None:
                 handle.wait()
-        # [G, N, B, n, hg, D] -> [B, n, (N, G, hg) * D]: heads back in order
-        out = result.permute(2, 3, 1, 0, 4, 5).reshape(b, n, h * d)
+        return self._merge(result, person_sum)
+
+    @staticmethod
+    def _add_person_map(person_sum: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
+                        person_masks: torch.Tensor | None) -> torch.Tensor | None:
+        """``person_sum`` plus the person map (head mean) of one head group [B, hg, L, D]; None
+        without masks."""
+        if person_masks is None:
+            return None
+        mass = compute_person_map(q, k, person_masks)
+        return mass if person_sum is None else person_sum + mass
+
+    def _merge(self, result: torch.Tensor, person_sum: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The end of both exchanges: ``result`` [G, N (head rank), B, n, hg, D] -> [B, n, (N, G, hg) * D]
+        (heads back in order), and the whole person map from the per-group sums (all-reduced)."""
+        groups, n_ranks, b, n, hg, d = result.shape
+        out = result.permute(2, 3, 1, 0, 4, 5).reshape(b, n, n_ranks * groups * hg * d)
         person_map = None
-        if person_masks is not None:
+        if person_sum is not None:
             # the mean of the N * G equal-size group means is the mean over all heads
-            person_map = sp.all_reduce_sum(person_sum) / (n_ranks * groups)
+            person_map = self.sp.all_reduce_sum(person_sum) / (n_ranks * groups)
         return out, person_map
 
     def _exchange_p2p(self, send: torch.Tensor, person_masks: torch.Tensor | None):
@@ -328,17 +341,11 @@ class ShardPlan:
             keep.append(pieces)  # alive until sent
             outbound.append(sp.send_receive(pieces, [(result[g, j, s, : counts[me]], j)
                                                      for j in peers if counts[me] for s in range(b)]))
-            if person_masks is not None:
-                mass = compute_person_map(qg, kg, person_masks)
-                person_sum = mass if person_sum is None else person_sum + mass
+            person_sum = self._add_person_map(person_sum, qg, kg, person_masks)
         for handles in outbound:
             for handle in handles:
                 handle.wait()
-        out = result.permute(2, 3, 1, 0, 4, 5).reshape(b, n, n_ranks * groups * hg * d)
-        person_map = None
-        if person_masks is not None:
-            person_map = sp.all_reduce_sum(person_sum) / (n_ranks * groups)
-        return out, person_map
+        return self._merge(result, person_sum)
 
     # -- audio cross-attention ---------------------------------------------------------------------
 
@@ -377,11 +384,6 @@ class ShardPlan:
         if out.shape[1] < n:  # padding tokens at the end of the last shard
             out = F.pad(out, (0, 0, 0, n - out.shape[1]))
         return module.proj(out)
-
-
-def parallel_forward(model, sp: SequenceParallel, **inputs) -> torch.Tensor:
-    """``model(**inputs)`` run sequence-parallel over ``sp``; every rank gets the whole output."""
-    return model(**inputs, parallel=sp)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -446,7 +448,7 @@ class ParallelDiT:
     group: about 35 MB a forward at 448x896x81, against a forward of seconds), then runs this
     rank's shard; the other ranks (followers) wait in :meth:`follow` and run their shards of the
     same forward. A TeaCache ``block_runner`` is mirrored: every follower keeps a TeaCache of the
-    same settings, whose decisions, taken from the timestep signal alone, are the leader's.
+    same settings, and every skip decision is agreed by all ranks (:class:`AgreedTeaCache`).
     :meth:`done` ends one piece of work (``follow`` returns with the leader's result) and
     :meth:`close` lets the followers go for good; :func:`release_all` pairs the two sides at exit.
     """
@@ -489,6 +491,9 @@ class ParallelDiT:
             layout, buffer = pack_tensors(inputs, self.device)
             self._send(("forward", {"layout": layout, "teacache": teacache}))
             dist.broadcast(buffer, src=self.sp.source, group=self.sp.group)
+            if teacache is not None:  # the same runner, its decisions agreed with the followers
+                cache, names, step = block_runner.teacache
+                block_runner = AgreedTeaCache(cache, self.sp.control).runner(names, step)
             try:
                 return self.dit(**inputs, block_runner=block_runner, parallel=self.sp)
             except BaseException as exc:
@@ -577,7 +582,40 @@ class ParallelDiT:
         key, steps, thresh, tier, use_ret_steps, names, step = spec
         if key not in self._caches:  # a new chunk's cache: the previous one is finished
             self._caches = {key: TeaCache(steps, thresh, tier=tier, use_ret_steps=use_ret_steps)}
-        return self._caches[key].runner(names, step)
+        return AgreedTeaCache(self._caches[key], self.sp.control).runner(names, step)
+
+
+class AgreedTeaCache:
+    """A :class:`~talkgen.sampling.teacache.TeaCache` as one rank of a sequence-parallel DiT uses
+    it: every skip decision is the same on all ranks. Each rank decides from its own modulation
+    signal, which should agree but need not to the bit; the compute flags are combined with a MAX
+    all-reduce over ``group`` (the gloo control group), so the blocks run when any rank would run
+    them. A rank that skipped while another computed would leave the others waiting in the
+    blocks' all-to-alls until the timeout. Everything but :meth:`decide` is the cache's own (its
+    state, ``computed``), so the cache records the agreed decisions."""
+
+    def __init__(self, cache, group: dist.ProcessGroup):
+        self._cache, self._group = cache, group
+
+    def __getattr__(self, name: str):
+        return getattr(self._cache, name)
+
+    def decide(self, branch: str, step: int, signal: torch.Tensor) -> bool:
+        cache = self._cache
+        compute = cache.decide(branch, step, signal)
+        # with nothing cached the runner computes anyway: say so to the other ranks
+        flag = torch.tensor([int(compute or cache.state[branch].residual is None)], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        if flag.item() and not compute:  # another rank computes: so does this one, as decide() would
+            cache.state[branch].accumulated = 0.0
+            cache.computed[step][branch] = compute = True
+        return compute
+
+    def runner(self, branches, step: int):
+        """:meth:`TeaCache.runner <talkgen.sampling.teacache.TeaCache.runner>` deciding through :meth:`decide`."""
+        from talkgen.sampling.teacache import TeaCache
+
+        return TeaCache.runner(self, branches, step)
 
 
 def release_all() -> None:

@@ -198,6 +198,26 @@ def test_runner_reuses_the_residual_of_its_own_pass() -> None:
     assert cache.skipped == 2
 
 
+def test_agree_makes_a_skip_compute_and_resets_the_accumulator() -> None:
+    """``agree`` (a sequence-parallel group's all-reduce) can turn a skip into a compute, never the
+    reverse; the cache then records and accumulates as if it had computed itself."""
+    blocks = [CountingBlock(1.0)]
+    cache = TeaCache(3, thresh=1e9)
+    cache.ret_steps = 1
+    seen = []
+    cache.agree = lambda compute: seen.append(compute) or True  # another rank computes
+    signal = torch.ones(1, 6, 4)
+    x = torch.full((1, 5, 4), 3.0)
+    for step in range(3):
+        cache.runner("cond", step)(blocks, x, {"e0": signal * (1 + 0.01 * step)})
+    assert seen == [True, False, False]  # this rank alone would have skipped steps 1 and 2
+    assert blocks[0].calls == 3 and cache.table(("cond",)) == [[True], [True], [True]]
+    assert cache.state["cond"].accumulated == 0.0
+    cache.agree = lambda compute: compute  # agreeing ranks: decisions unchanged
+    cache.runner("cond", 2)(blocks, x, {"e0": signal * 1.03})
+    assert cache.computed[2]["cond"] is False
+
+
 def test_runner_without_ret_steps_needs_e() -> None:
     cache = TeaCache(4, use_ret_steps=False)
     with pytest.raises(ValueError, match="time embedding"):

@@ -53,6 +53,7 @@ import itertools
 import os
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -448,7 +449,7 @@ class ParallelDiT:
     group: about 35 MB a forward at 448x896x81, against a forward of seconds), then runs this
     rank's shard; the other ranks (followers) wait in :meth:`follow` and run their shards of the
     same forward. A TeaCache ``block_runner`` is mirrored: every follower keeps a TeaCache of the
-    same settings, and every skip decision is agreed by all ranks (:class:`AgreedTeaCache`).
+    same settings, and every skip decision is agreed by all ranks (:func:`any_rank`).
     :meth:`done` ends one piece of work (``follow`` returns with the leader's result) and
     :meth:`close` lets the followers go for good; :func:`release_all` pairs the two sides at exit.
     """
@@ -491,9 +492,8 @@ class ParallelDiT:
             layout, buffer = pack_tensors(inputs, self.device)
             self._send(("forward", {"layout": layout, "teacache": teacache}))
             dist.broadcast(buffer, src=self.sp.source, group=self.sp.group)
-            if teacache is not None:  # the same runner, its decisions agreed with the followers
-                cache, names, step = block_runner.teacache
-                block_runner = AgreedTeaCache(cache, self.sp.control).runner(names, step)
+            if teacache is not None:  # its decisions agreed with the followers'
+                block_runner.teacache[0].agree = any_rank(self.sp.control)
             try:
                 return self.dit(**inputs, block_runner=block_runner, parallel=self.sp)
             except BaseException as exc:
@@ -582,40 +582,20 @@ class ParallelDiT:
         key, steps, thresh, tier, use_ret_steps, names, step = spec
         if key not in self._caches:  # a new chunk's cache: the previous one is finished
             self._caches = {key: TeaCache(steps, thresh, tier=tier, use_ret_steps=use_ret_steps)}
-        return AgreedTeaCache(self._caches[key], self.sp.control).runner(names, step)
+            self._caches[key].agree = any_rank(self.sp.control)
+        return self._caches[key].runner(names, step)
 
 
-class AgreedTeaCache:
-    """A :class:`~talkgen.sampling.teacache.TeaCache` as one rank of a sequence-parallel DiT uses
-    it: every skip decision is the same on all ranks. Each rank decides from its own modulation
-    signal, which should agree but need not to the bit; the compute flags are combined with a MAX
-    all-reduce over ``group`` (the gloo control group), so the blocks run when any rank would run
-    them. A rank that skipped while another computed would leave the others waiting in the
-    blocks' all-to-alls until the timeout. Everything but :meth:`decide` is the cache's own (its
-    state, ``computed``), so the cache records the agreed decisions."""
+def any_rank(group: dist.ProcessGroup) -> Callable[[bool], bool]:
+    """``agree(flag)``: whether any rank of ``group`` (the gloo control group) passed True; a MAX
+    all-reduce of one integer, on the CPU."""
 
-    def __init__(self, cache, group: dist.ProcessGroup):
-        self._cache, self._group = cache, group
+    def agree(flag: bool) -> bool:
+        value = torch.tensor([int(flag)], dtype=torch.int32)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+        return bool(value.item())
 
-    def __getattr__(self, name: str):
-        return getattr(self._cache, name)
-
-    def decide(self, branch: str, step: int, signal: torch.Tensor) -> bool:
-        cache = self._cache
-        compute = cache.decide(branch, step, signal)
-        # with nothing cached the runner computes anyway: say so to the other ranks
-        flag = torch.tensor([int(compute or cache.state[branch].residual is None)], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-        if flag.item() and not compute:  # another rank computes: so does this one, as decide() would
-            cache.state[branch].accumulated = 0.0
-            cache.computed[step][branch] = compute = True
-        return compute
-
-    def runner(self, branches, step: int):
-        """:meth:`TeaCache.runner <talkgen.sampling.teacache.TeaCache.runner>` deciding through :meth:`decide`."""
-        from talkgen.sampling.teacache import TeaCache
-
-        return TeaCache.runner(self, branches, step)
+    return agree
 
 
 def release_all() -> None:

@@ -89,6 +89,10 @@ class TeaCache:
         self._poly = np.poly1d(self.coefficients)
         self.ret_steps = 5 if self.use_ret_steps else 1
         self.cutoff = steps if self.use_ret_steps else steps - 1
+        # Sequence parallel: every rank decides from its own signal, and ``agree(compute)`` (an
+        # all-reduce) makes the blocks run on all ranks when any rank would run them; a rank that
+        # skipped while another computed would leave the others waiting in the blocks' exchanges.
+        self.agree: Callable[[bool], bool] | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -147,8 +151,11 @@ class TeaCache:
             skip = []
             for row, name in enumerate(names):
                 compute = self.decide(name, step, signal[row : row + 1])
-                if not compute and self.state[name].residual is None:
-                    # Nothing cached (cannot happen from step 0, which always computes): run the blocks.
+                # Nothing cached (cannot happen from step 0, which always computes): run the blocks.
+                must = compute or self.state[name].residual is None
+                if self.agree is not None:
+                    must = self.agree(must)
+                if must and not compute:
                     self.computed[step][name] = compute = True
                     self.state[name].accumulated = 0.0
                 skip.append(not compute)

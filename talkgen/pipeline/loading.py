@@ -140,22 +140,6 @@ def check_weights(weights_dir: Path, model: str, people: str = "single", *, audi
             raise WeightsError(f"{path} is missing: it belongs to {weight_set.name} ({weight_set.repo_id}); get it with `{command}`.")
 
 
-def dit_only_plan(device: torch.device, memory: str | None = None, vram_budget_gb: float | None = None,
-                  fp8: bool | str | None = None, *, tiny: bool = False, dtype: torch.dtype = torch.bfloat16):
-    """:func:`talkgen.runtime.memory.resolve_plan` for a process that loads the DiT alone
-    (``load_components(..., dit_only=True)``): the peak counts no text or image encoder, VAE or
-    VAE workspace, so the tier is chosen from what that GPU really holds."""
-    from talkgen.runtime.fp8 import resolve_fp8
-    from talkgen.runtime.memory import estimate_sizes, free_device_memory, parse_budget, parse_memory, plan_memory
-
-    setting = parse_memory(memory)
-    budget = parse_budget(vram_budget_gb)
-    use_fp8 = resolve_fp8("on" if setting == "fp8" and fp8 is None else fp8, device)
-    sizes = dataclasses.replace(estimate_sizes(tiny=tiny, dtype=dtype, fp8=use_fp8), text_other=0, text_block=0,
-                                image=0, vae=0, vae_workspace=0, vae_workspace_tiled=0, vae_encode_workspace=0)
-    return plan_memory(setting, budget, fp8=use_fp8, sizes=sizes, free_bytes=free_device_memory(device))
-
-
 def load_components(
     weights_dir: Path,
     model: str,

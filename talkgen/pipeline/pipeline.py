@@ -196,7 +196,7 @@ class Pipeline:
         runs the pipeline, the other ranks keep only the DiT and run their shard of its forwards.
         """
         from talkgen.models.attention import check_backend
-        from talkgen.pipeline.loading import dit_only_plan, is_tiny, load_components
+        from talkgen.pipeline.loading import is_tiny, load_components
         from talkgen.runtime.compile import compile_blocks, compile_enabled
 
         device = torch.device(device) if device is not None else default_device()
@@ -213,7 +213,7 @@ class Pipeline:
         # the other ranks run DiT shards only: the encoders and the VAE run once, on rank 0
         follower = parallel is not None and parallel.rank != 0
         tiny = model == "tiny" or is_tiny(Path(weights_dir))
-        plan = (dit_only_plan if follower else resolve_plan)(device, memory, vram_budget_gb, fp8, tiny=tiny, dtype=dtype)
+        plan = resolve_plan(device, memory, vram_budget_gb, fp8, tiny=tiny, dtype=dtype, dit_only=follower)
         # Components that will not stay whole on the GPU are loaded on the host first.
         host = torch.device("cpu")
         components = load_components(Path(weights_dir), model, people=people, device=device, dtype=dtype,

@@ -33,11 +33,11 @@ measures the real peaks and the slowdown per tier.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -82,7 +82,7 @@ def parse_budget(value: float | str | None) -> float | None:
 # Sizes
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ModelSizes:
     """Bytes of each component in its run dtype, and of the activations at the 480p bucket."""
 
@@ -180,7 +180,7 @@ def estimate_sizes(tiny: bool = False, dtype: torch.dtype = torch.bfloat16, fp8:
 # Plans
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class MemoryPlan:
     tier: str
     fp8: bool = False
@@ -191,7 +191,7 @@ class MemoryPlan:
     vae_tiling: bool = False
     budget_bytes: int | None = None
     estimated_peak: int = 0
-    notes: tuple[str, ...] = field(default_factory=tuple)
+    notes: tuple[str, ...] = dataclasses.field(default_factory=tuple)
 
     def describe(self) -> str:
         parts = [self.tier, "fp8" if self.fp8 else "bf16"]
@@ -407,8 +407,11 @@ def resolve_plan(
     tiny: bool = False,
     dtype: torch.dtype = torch.bfloat16,
     dit_config=None,
+    dit_only: bool = False,
 ) -> MemoryPlan:
-    """From the arguments (or the ``TALKGEN_*`` variables) and the device to a plan."""
+    """From the arguments (or the ``TALKGEN_*`` variables) and the device to a plan. ``dit_only``:
+    for a process that loads the DiT alone (the other ranks of a sequence-parallel pipeline): no
+    text or image encoder, VAE or VAE workspace is counted."""
     from talkgen.runtime.fp8 import fp8_unsupported_reason, resolve_fp8
 
     setting = parse_memory(memory)
@@ -419,4 +422,7 @@ def resolve_plan(
             raise ResourceError(f"memory tier 'fp8' needs fp8 GEMMs ({reason}); choose offload-encoders or stream-blocks")
     use_fp8 = resolve_fp8("on" if setting == "fp8" and fp8 is None else fp8, device)
     sizes = estimate_sizes(tiny=tiny, dtype=dtype, fp8=use_fp8, dit_config=dit_config)
+    if dit_only:
+        sizes = dataclasses.replace(sizes, text_other=0, text_block=0, image=0, vae=0, vae_workspace=0,
+                                    vae_workspace_tiled=0, vae_encode_workspace=0)
     return plan_memory(setting, budget, fp8=use_fp8, sizes=sizes, free_bytes=free_device_memory(device))

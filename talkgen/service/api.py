@@ -317,7 +317,7 @@ def create_app(settings: Settings | None = None, queue_factory=None) -> FastAPI:
                   "multipart/form-data": {"schema": multipart_schema},
                   "application/json": {"schema": S3JobRequest.model_json_schema()}}}})
     async def submit(request: Request, svc: ServiceDep) -> JobCreated:
-        refusal = svc.queue.accepting()
+        refusal = await run_in_threadpool(svc.queue.accepting)  # a Redis ping: not on the event loop
         if refusal:
             raise ResourceError(refusal)
         content_type = request.headers.get("content-type", "").lower()  # media types are case-insensitive

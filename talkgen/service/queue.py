@@ -171,7 +171,10 @@ def make_broker(settings: Settings):
 def redis_client(settings: Settings):
     import redis
 
-    return redis.Redis.from_url(settings.redis_url, decode_responses=True, health_check_interval=30)
+    # A Redis that does not answer is reported within seconds (intake's ping, health), not after
+    # the OS's connect timeout; reads keep no timeout (the event stream blocks on purpose).
+    return redis.Redis.from_url(settings.redis_url, decode_responses=True, health_check_interval=30,
+                                socket_connect_timeout=5)
 
 
 def send(broker, settings: Settings, order: JobOrder, delay_ms: int | None = None) -> None:

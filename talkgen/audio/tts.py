@@ -195,8 +195,8 @@ class KokoroBackend:
     English (espeak-ng's phonemes mapped to the symbols misaki's lexicon uses, as misaki does for
     words its lexicon lacks), through Kokoro's espeak branch; it needs no spaCy model and so works
     offline, at some cost in pronunciation. ``"auto"`` (the default): misaki, and espeak-ng where
-    misaki's spaCy model is neither installed nor downloadable (``self.notes`` then says so). Other languages (``lang_code`` 'e', 'f',
-    'h', 'i', 'p') are espeak-based in Kokoro either way."""
+    misaki's spaCy model is neither installed nor downloadable (``self.notes`` then says so). Other
+    languages (``lang_code`` 'e', 'f', 'h', 'i', 'p') are espeak-based in Kokoro either way."""
 
     name = "kokoro"
     default_voices = ("af_heart", "am_adam")

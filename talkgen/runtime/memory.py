@@ -164,9 +164,9 @@ def estimate_sizes(tiny: bool = False, dtype: torch.dtype = torch.bfloat16, fp8:
     # 6.1 (0.8 GiB of runtime state beside them); the untiled VAE encode of the 81-frame condition
     # clip rose to 14.2 GiB, 6.8 GiB above that plus the VAE's weights: the largest phase of the tier.
     vae_encode_workspace = int(6.8 * GiB) if not tiny else 64 * 2**20
-    # Those 0.8 GiB include umT5's two streaming buffers (allocated at load, on the device in every
-    # phase of that run: 2 x 0.36 GiB); estimate_peak counts the buffers on their own, so they are
-    # taken out here, leaving the rest (RoPE tables, conditions: about 0.08 GiB).
+    # Those 0.8 GiB were measured with umT5's two streaming buffers on the device (allocated at load,
+    # kept in every phase: 2 x 0.36 GiB, which the 0.8 matches); estimate_peak counts the buffers on
+    # their own, so they are taken out here, leaving the rest (RoPE tables, conditions: ~0.08 GiB).
     runtime_overhead = max(0, int(0.8 * GiB) - 2 * text_block) if not tiny else 0
     return ModelSizes(
         dit_other=dit_other, dit_block=dit_block, dit_blocks=len(dit.blocks), text_other=text_other,

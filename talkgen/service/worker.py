@@ -167,6 +167,7 @@ class GenerationWorker:
 
     def load(self) -> None:
         from talkgen.pipeline.pipeline import Pipeline
+
         faults.sweep_stale_temp()  # temporary folders of workers that were killed (-9) on this machine
 
         try:
@@ -214,7 +215,6 @@ class GenerationWorker:
 
     def _generate(self, order: JobOrder, reporter: Reporter, stopping: threading.Event) -> tuple[str, dict]:
         from talkgen.pipeline.request import GenerationRequest
-
 
         job_id = order.job_id
         tracker = ProgressTracker()

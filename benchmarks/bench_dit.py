@@ -9,6 +9,7 @@ the blocks compiled. Run on the GPU machine:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import cuda_time, median, peak_rss_gib, random_dit, save  # noqa: E402
+from talkgen.models.attention import resolve_backend  # noqa: E402
 from talkgen.models.dit import DiTConfig  # noqa: E402
 
 
@@ -45,11 +47,25 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tag", default="")
+    ap.add_argument("--fp8", action="store_true", help="block linears in torchao dynamic fp8 (talkgen.runtime.fp8)")
+    ap.add_argument("--torchao-inductor", action="store_true",
+                    help="torchao's recommended Inductor settings (coordinate-descent tuning, TF32 matmuls)")
+    ap.add_argument("--no-batched", action="store_true",
+                    help="skip the batched-guidance variants (each compiles its own batch shape)")
     a = ap.parse_args()
 
     dtype = torch.bfloat16
     config = DiTConfig(num_layers=a.layers)
     model = random_dit(config, dtype)
+    if a.torchao_inductor:
+        from torchao.quantization.utils import recommended_inductor_config_setter
+
+        recommended_inductor_config_setter()
+    if a.fp8:  # before compiling, as Pipeline does
+        from talkgen.runtime.fp8 import quantize_fp8
+
+        for block in model.blocks:
+            quantize_fp8(block)
     if a.compile:
         for block in model.blocks:
             block.compile(dynamic=False)
@@ -75,12 +91,14 @@ def main() -> None:
     step3 = cuda_time(lambda: (nfe(), nfe(), nfe(null_audio)), warmup=0, reps=2)
     step2 = cuda_time(lambda: (nfe(), nfe(null_audio)), warmup=0, reps=2)
     batched = {}
-    if a.people == 1:
+    if a.people == 1 and not a.no_batched:
         batched["step3_batched_s"] = median(cuda_time(lambda: batched_step(3), warmup=1, reps=2))
         batched["step2_batched_s"] = median(cuda_time(lambda: batched_step(2), warmup=1, reps=2))
     tokens = ((a.frames - 1) // 4 + 1) * (a.height // 16) * (a.width // 16)
-    save(f"dit{a.tag}_{'compiled' if a.compile else 'eager'}_{a.people}p", dict(
-        impl="talkgen", compiled=a.compile, dtype="bf16", layers=a.layers, people=a.people, tokens=tokens,
+    gemms = "fp8" if a.fp8 else "bf16"
+    save(f"dit{a.tag}_{'compiled' if a.compile else 'eager'}_{a.people}p{'_fp8' if a.fp8 else ''}", dict(
+        impl="talkgen", compiled=a.compile, dtype="bf16", gemms=gemms, torchao_inductor=a.torchao_inductor,
+        attention=resolve_backend("cuda"), attention_setting=os.environ.get("TALKGEN_ATTENTION", "auto"), layers=a.layers, people=a.people, tokens=tokens,
         frames=a.frames, size=[a.height, a.width], nfe_s=median(per_nfe), nfe_all=per_nfe,
         step3_s=median(step3), step2_s=median(step2),
         peak_gpu_gib=torch.cuda.max_memory_allocated() / 2**30, peak_rss_gib=peak_rss_gib(),

@@ -2,6 +2,7 @@
 (reduced depth), plus the SDPA backends on the self-attention shape.
 
     python benchmarks/profile_dit.py --layers 4 --people 1
+    python benchmarks/profile_dit.py --layers 4 --fp8 --skip-sdpa   # the fp8 GEMM path's kernels
 """
 
 from __future__ import annotations
@@ -38,10 +39,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--people", type=int, default=1)
+    ap.add_argument("--fp8", action="store_true", help="block linears in torchao dynamic fp8 (talkgen.runtime.fp8)")
+    ap.add_argument("--skip-sdpa", action="store_true", help="skip the SDPA backend comparison")
     a = ap.parse_args()
-    sdpa_backends(32928)
+    if not a.skip_sdpa:
+        sdpa_backends(32928)
     config = DiTConfig(num_layers=a.layers)
     model = random_dit(config, torch.bfloat16)
+    if a.fp8:
+        from talkgen.runtime.fp8 import quantize_fp8
+
+        for block in model.blocks:
+            quantize_fp8(block)
     for block in model.blocks:
         block.compile(dynamic=False)
     cond = inputs(config, 81, 448, 896, a.people, torch.bfloat16)
@@ -52,7 +61,7 @@ def main() -> None:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             model(**cond)
             torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=110))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ step clip_stream12 150 python3 benchmarks/bench_clip.py --steps 4 --text-scale 1
   --memory stream-blocks --vram-budget 12
 step clip_fp8 130 python3 benchmarks/bench_clip.py --steps 4 --text-scale 1 --audio-scale 2 --shift 2 --fp8
 
-for f in "$OUT"/*.json; do echo "== $(basename "$f")"; cat "$f"; echo; done > "$OUT/summary.txt"
+for f in "$OUT"/*.json; do echo "== $(basename "$f")"; cat "$f"; echo; done > "$OUT/results.txt"
+python3 benchmarks/table.py "$OUT" | tee "$OUT/table.md"
 cat "$OUT/steps.txt"
 echo "total ${SECONDS}s"

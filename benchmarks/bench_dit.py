@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--fp8", action="store_true", help="block linears in torchao dynamic fp8 (talkgen.runtime.fp8)")
     ap.add_argument("--torchao-inductor", action="store_true",
                     help="torchao's recommended Inductor settings (coordinate-descent tuning, TF32 matmuls)")
+    ap.add_argument("--gluon-variant", default=None,
+                    help="with TALKGEN_ATTENTION=gluon: the kernel configuration by name (talkgen.kernels.attention_gluon.VARIANTS)")
     ap.add_argument("--no-batched", action="store_true",
                     help="skip the batched-guidance variants (each compiles its own batch shape)")
     a = ap.parse_args()
@@ -57,6 +59,10 @@ def main() -> None:
     dtype = torch.bfloat16
     config = DiTConfig(num_layers=a.layers)
     model = random_dit(config, dtype)
+    if a.gluon_variant:
+        from talkgen.kernels import attention_gluon
+
+        attention_gluon.DEFAULT_CONFIG = next(c for c in attention_gluon.VARIANTS if c.name == a.gluon_variant)
     if a.torchao_inductor:
         from torchao.quantization.utils import recommended_inductor_config_setter
 
@@ -98,6 +104,7 @@ def main() -> None:
     gemms = "fp8" if a.fp8 else "bf16"
     save(f"dit{a.tag}_{'compiled' if a.compile else 'eager'}_{a.people}p{'_fp8' if a.fp8 else ''}", dict(
         impl="talkgen", compiled=a.compile, dtype="bf16", gemms=gemms, torchao_inductor=a.torchao_inductor,
+        gluon_variant=a.gluon_variant,
         attention=resolve_backend("cuda"), attention_setting=os.environ.get("TALKGEN_ATTENTION", "auto"), layers=a.layers, people=a.people, tokens=tokens,
         frames=a.frames, size=[a.height, a.width], nfe_s=median(per_nfe), nfe_all=per_nfe,
         step3_s=median(step3), step2_s=median(step2),

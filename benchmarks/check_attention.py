@@ -1,4 +1,4 @@
-"""GPU check of the Triton attention kernels (the TMA / Hopper path that CPU tests cannot run).
+"""GPU check of the Triton and Gluon attention kernels (the TMA / Hopper paths that CPU tests cannot run).
 
 Odd lengths (tails of every block size), batch 1-3, the DiT's [B, L, H, D] layout and plain
 [B, H, L, D], bf16 and fp16: the bf16 kernel within 1.5x SDPA's error against float32 (plus 1e-3),
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_attention import make_qkv, reference, rel_err  # noqa: E402
+from talkgen.kernels import attention_gluon  # noqa: E402
 from talkgen.kernels import attention_triton as kernels  # noqa: E402
 
 
@@ -34,6 +35,7 @@ def main() -> int:
             t.fill_(float("nan"))
         return t
 
+    gluon = attention_gluon.GLUON_AVAILABLE and torch.cuda.get_device_capability()[0] == 9
     cases = [(1, 3, 4096 + 77, torch.bfloat16, "blhd"), (2, 2, 5000, torch.float16, "blhd"),
              (3, 2, 4133, torch.bfloat16, "bhld"), (1, 2, 32928, torch.bfloat16, "blhd"),
              (1, 1, 300, torch.bfloat16, "bhld")]
@@ -52,6 +54,8 @@ def main() -> int:
                            "fp8-ldst": kernels.attention_fp8(q, k, v, kernels.FP8_CONFIG.portable()),
                            "fp8fast": kernels.attention_fp8(q, k, v, kernels.FP8_FAST_CONFIG),
                            "fp8fast-ldst": kernels.attention_fp8(q, k, v, kernels.FP8_FAST_CONFIG.portable())}
+                if gluon:
+                    results["bf16-gluon"] = attention_gluon.attention_bf16_gluon(q, k, v)
             finally:
                 torch.empty = real_empty
             for name, out in results.items():
@@ -69,7 +73,7 @@ def main() -> int:
 
     q, k, v = make_qkv("dit", 1, 4, 8192, 128, seed=7)
     ref = reference(q, k, v)
-    for setting in ("triton", "triton-fp8", "triton-fp8-fast"):
+    for setting in ("triton", "triton-fp8", "triton-fp8-fast") + (("gluon",) if gluon else ()):
         os.environ["TALKGEN_ATTENTION"] = setting
         torch._dynamo.reset()
 
@@ -81,7 +85,7 @@ def main() -> int:
         eager = block(q, k, v)
         err = rel_err((out - 1.0).view(1, 8192, 4, 128).transpose(1, 2), ref)
         same = (out - eager).abs().max().item()
-        ok = err <= {"triton": 1e-2, "triton-fp8": 3e-2, "triton-fp8-fast": 3.5e-2}[setting] and same <= 1e-2
+        ok = err <= {"triton": 1e-2, "gluon": 1e-2, "triton-fp8": 3e-2, "triton-fp8-fast": 3.5e-2}[setting] and same <= 1e-2
         print(f"{'ok  ' if ok else 'FAIL'} torch.compile fullgraph, {setting}: err {err:.2e}, "
               f"|compiled - eager| {same:.1e}")
         if not ok:

@@ -19,7 +19,8 @@ is written in ``[B, L, H, D]`` order and returned as its ``[B, H, L, D]`` view, 
   2.5-3e-2 on DiT-like inputs and 5-7e-2 on Gaussian noise, whatever the scaling.
 
 Measured on an H100 (docs/performance.md, "Self-attention kernels"): SDPA 570-590 TFLOP/s at
-32,928 and 75,600 tokens; the bf16 kernel 0.92-0.94x SDPA (so ``auto`` keeps SDPA); ``FP8_CONFIG``
+32,928 and 75,600 tokens; the bf16 kernel 0.92-0.94x SDPA (so ``auto`` uses the Gluon kernel of
+``attention_gluon.py`` on Hopper instead, 1.05x SDPA); ``FP8_CONFIG``
 1.11-1.16x and ``FP8_FAST_CONFIG`` 1.25-1.32x SDPA (bf16-equivalent work, quantization included).
 What limits the Triton kernels there: Triton 3.6 does not warp-specialize on Hopper (the ``warp_specialize`` flag changes nothing) and waits for
 each tensor-core product right after issuing it, so within one program the softmax never runs
@@ -85,8 +86,6 @@ class Config:
 BF16_CONFIG = Config(block_m=128, block_n=128, num_warps=8, num_stages=3)
 FP8_CONFIG = Config(block_m=128, block_n=64, split=2, num_warps=4, num_stages=3, pv_fp8=False)
 FP8_FAST_CONFIG = Config(block_m=128, block_n=64, split=2, num_warps=4, num_stages=3, two_level=False)
-# ``auto`` picks the bf16 kernel over SDPA only where it was measured faster: not yet (0.92-0.96x).
-BF16_BEATS_SDPA = False
 PAD = 256  # 8-bit buffers are padded to a multiple of this many tokens (>= any block size)
 
 

@@ -6,9 +6,11 @@ default scale ``1/sqrt(head_dim)``, which is what torch SDPA computes too.
 
 Self-attention-sized problems (q, k, v of one shape, at least ``MIN_TOKENS`` tokens, head_dim 64 or
 128, bf16/fp16, on a GPU) can run on talkgen's own Triton kernels (:mod:`talkgen.kernels.attention_triton`).
-``TALKGEN_ATTENTION`` picks: ``auto`` (default: the bf16 Triton kernel on Hopper GPUs when Triton is
-installed and the kernel is measured faster than SDPA there, ``BF16_BEATS_SDPA``; SDPA elsewhere),
-``sdpa``, ``triton`` (the bf16 kernel), ``triton-fp8`` (int8 QK, bf16 PV: 1.11-1.16x SDPA on an
+``TALKGEN_ATTENTION`` picks: ``auto`` (default: the Gluon kernel on Hopper GPUs when Triton has
+Gluon's Hopper module, measured 1.05x SDPA on an H100; SDPA elsewhere, and SDPA for the rest of the
+process if the Gluon kernel ever fails to compile or launch: Gluon is experimental),
+``sdpa``, ``triton`` (the bf16 kernel), ``gluon`` (the bf16 kernel in Gluon, Hopper only:
+:mod:`talkgen.kernels.attention_gluon`), ``triton-fp8`` (int8 QK, bf16 PV: 1.11-1.16x SDPA on an
 H100, 1-2.5e-2 relative error instead of SDPA's 2e-3) or ``triton-fp8-fast`` (int8 QK, e4m3 PV:
 1.25-1.32x SDPA, 2-3e-2 on DiT-like inputs, up to 6e-2 on noise). The 8-bit ones are opt-in.
 Everything else (cross-attention, the person map, CPU runs) always uses SDPA.
@@ -16,6 +18,7 @@ Everything else (cross-attention, the person map, CPU runs) always uses SDPA.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -23,7 +26,9 @@ import torch.nn.functional as F
 
 from talkgen.errors import ResourceError, TalkgenError
 
-BACKENDS = ("auto", "sdpa", "triton", "triton-fp8", "triton-fp8-fast")
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "sdpa", "triton", "gluon", "triton-fp8", "triton-fp8-fast")
 MIN_TOKENS = 4096  # shorter problems (text/image/audio cross-attention, the person map) stay on SDPA
 
 
@@ -47,8 +52,9 @@ def _triton_version() -> str | None:
 
 @torch.compiler.assume_constant_result
 def resolve_backend(device_type: str, device_index: int = 0) -> str:
-    """The backend self-attention uses on a device: ``sdpa``, ``triton``, ``triton-fp8`` or
-    ``triton-fp8-fast``. Constant for a process (torch.compile bakes it in)."""
+    """The backend self-attention uses on a device: ``sdpa``, ``triton``, ``gluon``, ``gluon-auto``
+    (the Gluon kernel as ``auto`` chose it: SDPA if it fails), ``triton-fp8`` or ``triton-fp8-fast``.
+    Constant for a process (torch.compile bakes it in)."""
     setting = backend_setting()
     if setting == "sdpa" or device_type != "cuda" or not torch.cuda.is_available():
         return "sdpa"
@@ -56,12 +62,18 @@ def resolve_backend(device_type: str, device_index: int = 0) -> str:
         hopper = torch.cuda.get_device_capability(device_index)[0] == 9
         if not hopper or _triton_version() is None:
             return "sdpa"
-        from talkgen.kernels.attention_triton import BF16_BEATS_SDPA
+        from talkgen.kernels.attention_gluon import GLUON_AVAILABLE
 
-        return "triton" if BF16_BEATS_SDPA else "sdpa"
+        return "gluon-auto" if GLUON_AVAILABLE else "sdpa"
     if _triton_version() is None:
         raise ResourceError(f"TALKGEN_ATTENTION={setting} needs Triton >= 3.4 (pip install 'triton>=3.4'), "
                             "or set TALKGEN_ATTENTION=sdpa.")
+    if setting == "gluon":
+        from talkgen.kernels.attention_gluon import GLUON_AVAILABLE
+
+        if not GLUON_AVAILABLE or torch.cuda.get_device_capability(device_index)[0] != 9:
+            raise ResourceError("TALKGEN_ATTENTION=gluon needs a Hopper GPU (H100/H200) and a Triton with Gluon's "
+                                "Hopper module (>= 3.5); use TALKGEN_ATTENTION=triton or sdpa elsewhere.")
     return setting
 
 
@@ -88,6 +100,8 @@ def describe_backend() -> str:
     if backend == "sdpa":
         return f"torch SDPA (TALKGEN_ATTENTION={setting})"
     what = {"triton": "talkgen Triton flash-attention, bf16",
+            "gluon": "talkgen Gluon flash-attention for Hopper, bf16",
+            "gluon-auto": "talkgen Gluon flash-attention for Hopper, bf16 (SDPA if it fails)",
             "triton-fp8": "talkgen Triton 8-bit attention (int8 QK, bf16 PV)",
             "triton-fp8-fast": "talkgen Triton 8-bit attention (int8 QK, fp8 PV)"}[backend]
     return f"{what} for self-attention, SDPA for the rest (Triton {_triton_version()}, TALKGEN_ATTENTION={setting})"
@@ -96,14 +110,39 @@ def describe_backend() -> str:
 @torch.library.custom_op("talkgen::flash_attention", mutates_args=())
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
     """The Triton kernels as one opaque op, so torch.compile calls them without a graph break.
-    ``backend``: triton, triton-fp8 or triton-fp8-fast. Returns [B, H, L, D] as a view of a
+    ``backend``: triton, gluon, gluon-auto, triton-fp8 or triton-fp8-fast. Returns [B, H, L, D] as a view of a
     [B, L, H, D] buffer (``merge_heads`` is then free)."""
     from talkgen.kernels import attention_triton as kernels
 
+    if backend in ("gluon", "gluon-auto"):
+        return _gluon_attention(q, k, v, fallback=backend == "gluon-auto")
     if backend == "triton":
         return kernels.attention_bf16(q, k, v)
     config = kernels.FP8_FAST_CONFIG if backend == "triton-fp8-fast" else kernels.FP8_CONFIG
     return kernels.attention_fp8(q, k, v, config)
+
+
+_gluon_failed: str | None = None  # why the Gluon kernel was given up in this process (auto only)
+
+
+def _gluon_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fallback: bool) -> torch.Tensor:
+    """The Gluon kernel; chosen by ``auto``, a failure to compile or launch it (Gluon's API changes
+    between Triton releases) is logged once and SDPA serves the rest of the process instead of the
+    video failing. Forced by ``TALKGEN_ATTENTION=gluon``, a failure is raised."""
+    global _gluon_failed
+    from talkgen.kernels import attention_gluon
+
+    if _gluon_failed is None or not fallback:
+        try:
+            return attention_gluon.attention_bf16_gluon(q, k, v, attention_gluon.DEFAULT_CONFIG)
+        except Exception as exc:  # noqa: BLE001 - any compile/launch error of an experimental kernel
+            if not fallback:
+                raise
+            _gluon_failed = f"{type(exc).__name__}: {exc}"
+            logger.warning("talkgen's Gluon attention kernel failed (%s); using torch SDPA from now on. "
+                           "Set TALKGEN_ATTENTION=sdpa to skip it.", _gluon_failed[:300])
+    out = F.scaled_dot_product_attention(q, k, v)  # [B, H, L, D]; the op returns a [B, L, H, D] buffer's view
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 @flash_attention.register_fake

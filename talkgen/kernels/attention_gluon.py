@@ -1,0 +1,648 @@
+"""Flash-attention forward for Hopper (sm_90a) written in Gluon, Triton's explicit-layout language.
+
+Same contract as :func:`talkgen.kernels.attention_triton.attention_bf16`: non-causal, no mask,
+``q``/``k``/``v`` ``[B, H, L, D]`` bf16/fp16 with last stride 1 (the DiT passes ``[B, L, H, D]``
+buffers seen through ``transpose(1, 2)``; no copy is made), output written in ``[B, L, H, D]``
+order and returned as its ``[B, H, L, D]`` view. head_dim 64 or 128.
+
+Why Gluon: the tl kernel in ``attention_triton.py`` reaches only 0.92-0.94x torch SDPA on an
+H100 because Triton 3.6's tl compiler waits for every wgmma right after issuing it and does not
+warp-specialize on Hopper, so the softmax never runs while the tensor cores work. Gluon exposes
+the asynchronous pieces directly, so this kernel follows FlashAttention-3 (Shah et al., 2024):
+
+* One program owns ``block_m`` (128) query rows of one (batch, head); ``num_warps`` 8 = two
+  consumer warpgroups, each the owner of 64 rows (the wgmma layout ``warps_per_cta=[8, 1]``).
+  Q stays in shared memory for the whole loop (the A operand of S = Q K^T).
+* K and V stream through a ``stages``-deep ring of shared-memory tiles filled by TMA (bulk tensor
+  copies, completion tracked by one mbarrier per tile), separate barriers for K and V so that
+  S = Q K^T can start before V has landed.
+* Intra-warpgroup overlap: in iteration j the program issues S_j = Q K_j^T and O += P_{j-1} V_{j-1}
+  as asynchronous wgmmas, waits only for S_j (``num_outstanding=1``), runs the online softmax of
+  S_j while the P V product is still on the tensor cores, then waits for it and rescales O
+  (so the source says; in the SASS ptxas moved that wait up, see "FA3 loop" below).
+  P goes to the second wgmma straight from registers (``DotOperandLayout``), never through
+  shared memory.
+* Softmax in base 2 with log2(e)/sqrt(D) folded into one multiplier, float32 running max / sum,
+  O / l at the end. Columns >= L of the last K tile are masked to -inf (only in that iteration);
+  query rows >= L are computed on whatever TMA brought and not stored.
+* Three ways to organise the warps (``Config``), all sharing the consumer code:
+  - ``split_consumers`` (the default, FA3's layout): ``gl.warp_specialize`` with three partitions,
+    a 1-warp TMA producer (24 registers, setmaxnreg) and two 4-warp consumer partitions of 64 rows
+    each (256 / 240 registers). The producer waits on per-slot "empty" mbarriers (one arrive per
+    consumer) before refilling a slot. Triton puts a partition-wide barrier before each mbarrier
+    arrive / wait; with one warpgroup per partition those span 128 threads, so the consumers never
+    wait for each other and drift apart: one's softmax overlaps the other's GEMMs (FA3's ping-pong,
+    without its explicit ordering). That was the hope; the measured speed (below) says the two
+    run in lockstep, hence the explicit ``pingpong`` variants.
+  - ``warp_specialize`` only: the producer warp plus one 8-warp consumer partition; its two
+    warpgroups meet at those partition-wide barriers twice per K/V tile (no ping-pong).
+  - neither: no producer; the consumers issue the TMA loads ``stages`` tiles ahead, after a
+    CTA-wide barrier that makes sure both warpgroups finished reading the slot.
+* Output: O / l in float32 -> input dtype -> a coalesced blocked layout -> masked ``gl.store``
+  into the ``[B, L, H, D]`` buffer (a TMA store over the 2-D view would clip only at the end of
+  the whole tensor and so overwrite the next batch's rows).
+
+* FA3 loop (``fa3_loop``, ``_consumer_fa3``, split consumers only), added after the first GPU
+  run: reading the SASS of the variants above (ptxas 12.8 of Triton 3.6, same with 3.9) showed
+  that ptxas hoists the P V ``wgmma.wait_group 0`` from after the softmax to right behind the row
+  max: the PTX ties no register of the softmax to that wait (the ``deps`` exist only at the LLVM
+  level), so the "intra-warpgroup overlap" above never happens on the hardware. The FA3 loop puts
+  the whole softmax in both arms of the masking branch (``_online_softmax_fenced``); ptxas does not
+  hoist the wait above the branch, and the SASS now has all exp2s between the two waits
+  (``tests/test_attention_gluon.py`` checks this). It also rescales O between the issues of S_j and
+  P_{j-1} V_{j-1} (while S_j runs, FA3's order) and stores O straight from the wgmma layout.
+* Ping-pong (``pingpong``): the two consumer partitions issue their wgmmas in strict alternation,
+  FA3's warp-scheduler barrier built from two shared-memory mbarriers ("turns", count 1: Triton
+  lowers ``mbarrier.arrive`` in a partition to a partition barrier plus one thread's arrive).
+  Consumer c waits for its turn (after its K/V data has landed), issues S_j and P_{j-1} V_{j-1},
+  and passes the turn, so one consumer's softmax runs while the other's GEMMs occupy the tensor
+  cores. Both take n_blocks + 1 turns (S_0 alone, the loop, the last P V); the final pass leaves
+  an arrive nobody waits for. The softmax itself was already at the FA3 minimum per score (FMNMX,
+  FFMA, MUFU.EX2, FADD, half an F2FP; plus one FMUL per O element per tile for the rescale).
+
+Measured 2026-12-06 on an H100 80GB HBM3 (Triton 3.6.0, torch 2.11; 1 x 40 heads x L x 128 bf16
+in the DiT layout; ``python3 benchmarks/bench_attention_gluon.py``, SDPA/cuDNN timed in the same
+process at 566-593 TFLOP/s). Every variant is correct (relative error 2.2-2.3e-3 against float32,
+as SDPA's). TFLOP/s (x SDPA), two runs on two machines:
+
+    variant                         L = 32,928     L = 75,600
+    ws-split-pp-m128-n128-s3-w4     616 (1.047)    595 (1.050)   <- DEFAULT_CONFIG
+    ws-split-pp-m128-n64-s4-w4      540 (0.917)    522 (0.914)
+    ws-split-pp-m128-n128-s2-w4     437 (0.739)    439 (0.769)
+    ws-split-fa3-m128-n128-s2-w4    412 (0.699)    415 (0.730)
+    ws-split-m128-n64-s4-w4         560-564 (0.95-0.98)  547-552 (0.96)
+    ws-split-m128-n128-s2-w4        543 (0.926)    532 (0.925)
+    ws-m128-n128-s2-w8              513 (0.865)    499 (0.871)
+    inline-m128-n128-s2-w8          406 (0.688)    408 (0.704)
+
+Ping-pong pays only with a third K/V stage: with two, a consumer waiting for its turn also holds
+the slot the producer needs next. The fenced FA3 loop alone (no ping-pong) is slower than the
+original loop: keeping the softmax between the two waits lengthens each consumer's critical path
+when nothing else fills the tensor cores. FlashAttention-3 reaches ~740 TFLOP/s at this shape; the
+gap (and the issue's 1.15x) is not closed. The Gluon API is experimental and changes between Triton
+releases; the two renames between 3.6 and 3.9 (TMA load, CTA barrier) are resolved at import
+(``_tma_load``, ``_cta_barrier``), and ``talkgen.models.attention`` falls back to SDPA when the kernel
+fails to compile under ``auto``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+LOG2E = 1.4426950408889634
+
+try:  # Gluon (Triton >= 3.4) with the Hopper module; absent on older Tritons and some platforms
+    import triton
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    # The TMA load was renamed after Triton 3.6 (``async_copy_global_to_shared`` -> ``async_load``,
+    # the old name now raises): the GPU machine runs 3.6, CI 3.9.
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    # Likewise the CTA-wide barrier: ``thread_barrier`` in 3.6, ``barrier`` later.
+    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+
+    GLUON_AVAILABLE: bool = True
+except Exception:  # noqa: BLE001 - any import failure means "no Gluon here"
+    GLUON_AVAILABLE = False
+
+
+@dataclass(frozen=True)
+class Config:
+    """Tile and launch options of the Gluon kernel.
+
+    ``block_m`` query rows per program (64 per consumer warpgroup, so ``num_warps = block_m / 16``),
+    ``block_n`` keys per K/V tile, ``stages`` K/V tiles in flight in shared memory,
+    ``warp_specialize`` a separate 1-warp TMA producer partition (else the consumers load)."""
+
+    block_m: int = 128
+    block_n: int = 128
+    stages: int = 2
+    num_warps: int = 4
+    warp_specialize: bool = True
+    split_consumers: bool = True
+    producer_regs: int = 24  # registers per thread of the producer warp (setmaxnreg)
+    consumer_regs: int = 240  # registers per thread of the second consumer warpgroup (split only)
+    # FA3's consumer loop (split only): the P V wait pinned after the softmax, O rescaled between
+    # the two GEMM issues (``_consumer_fa3``); with ``pingpong`` the two consumers also take turns
+    # issuing their GEMMs (mbarrier "turn" handshake).
+    fa3_loop: bool = False
+    pingpong: bool = False
+
+    @property
+    def name(self) -> str:
+        kind = ("ws-split" if self.split_consumers else "ws") if self.warp_specialize else "inline"
+        if self.pingpong:
+            kind += "-pp"
+        elif self.fa3_loop:
+            kind += "-fa3"
+        return f"{kind}-m{self.block_m}-n{self.block_n}-s{self.stages}-w{self.num_warps}"
+
+
+# The variants the GPU benchmark sweeps (all measured; figures in the module docstring).
+VARIANTS: tuple[Config, ...] = (
+    # Ping-pong consumers + FA3 loop, FA3's tile (128 x 128, 2 stages: 180 KB shared).
+    Config(split_consumers=True, num_warps=4, block_n=128, stages=2, fa3_loop=True, pingpong=True),
+    # The same with a third K/V stage (224 KB shared, just under the 227 KB limit).
+    Config(split_consumers=True, num_warps=4, block_n=128, stages=3, fa3_loop=True, pingpong=True),
+    # Ping-pong with the best measured tile of the old loop (64 keys, 4 stages).
+    Config(split_consumers=True, num_warps=4, block_n=64, stages=4, fa3_loop=True, pingpong=True),
+    # FA3 loop without ping-pong: separates the two changes (compare with the first and with
+    # ws-split-m128-n128-s2-w4).
+    Config(split_consumers=True, num_warps=4, block_n=128, stages=2, fa3_loop=True, pingpong=False),
+    # FA3's layout: a producer warp and two independent 64-row consumer warpgroups.
+    Config(warp_specialize=True, split_consumers=True, num_warps=4, stages=2),
+    # Smaller K/V tiles, deeper ring: more, shorter softmax steps to interleave.
+    Config(warp_specialize=True, split_consumers=True, num_warps=4, block_n=64, stages=4),
+    # One 8-warp consumer partition (its warpgroups meet at every mbarrier arrive) + producer warp.
+    Config(warp_specialize=True, split_consumers=False, num_warps=8, stages=2),
+    # No warp specialization: the consumers issue the TMA loads themselves.
+    Config(warp_specialize=False, split_consumers=False, num_warps=8, stages=2),
+)
+
+# What the model uses (talkgen.models.attention): the fastest variant measured on a GPU,
+# ping-pong consumers with a 3-stage ring of 128-key tiles: 616 TFLOP/s, 1.05x SDPA on an H100
+# (2026-12-06, benchmarks/bench_attention_gluon.py).
+DEFAULT_CONFIG = next(cfg for cfg in VARIANTS if cfg.name == "ws-split-pp-m128-n128-s3-w4")
+
+# ------------------------------------------------------------------------------------------------
+# Device code
+
+if GLUON_AVAILABLE:
+
+    @gluon.jit
+    def _online_softmax(s, m_i, l_i, qk_scale, n0, L, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+        """One block of the online softmax in base 2: P = exp2(S * scale - m), the running max m,
+        sum l and the factor alpha that rescales what O accumulated so far."""
+        if n0 + BLOCK_N > L:  # only the last K tile reaches past the sequence: mask it
+            cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            s = gl.where(gl.expand_dims(cols < L, 0), s, -float("inf"))
+        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+        # One FMA per score: s * scale - m (the -inf of masked columns stays -inf -> p = 0).
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+        alpha = gl.exp2(m_i - m_new)  # m_i = -inf on the first block: alpha = 0
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        return p, m_new, l_i, alpha
+
+    @gluon.jit
+    def _softmax_core(s, m_i, l_i, qk_scale):
+        """Online softmax of one (already masked) block, base 2: per score one FMNMX (row max of the
+        raw scores, scaled once per row), one FFMA (s * scale - m), one MUFU.EX2, one FADD (row sum);
+        the bf16 packing (F2FP, one per two scores) follows at the P V issue."""
+        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+        alpha = gl.exp2(m_i - m_new)  # m_i = -inf on the first block: alpha = 0
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        return p, m_new, l_i, alpha
+
+    @gluon.jit
+    def _online_softmax_fenced(s, m_i, l_i, qk_scale, n0, L, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+        """``_online_softmax`` with the whole softmax inside both arms of the masking branch (two
+        copies in the code). The point is the join block after it: ptxas hoists a
+        ``wgmma.wait_group`` freely within a basic block (nothing in the PTX ties it to the
+        softmax's registers, the ``deps`` of ``warpgroup_mma_wait`` exist only at the LLVM level)
+        but, as the SASS shows, not above a branch, so the wait that follows this call stays after
+        the exp2s."""
+        if n0 + BLOCK_N > L:  # only the last K tile reaches past the sequence: mask it
+            cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            s = gl.where(gl.expand_dims(cols < L, 0), s, -float("inf"))
+            p, m_new, l_new, alpha = _softmax_core(s, m_i, l_i, qk_scale)
+        else:
+            p, m_new, l_new, alpha = _softmax_core(s, m_i, l_i, qk_scale)
+        return p, m_new, l_new, alpha
+
+    @gluon.jit
+    def _store_output_direct(o, l_i, out_ptr, b, h, m0, L, H, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                             o_layout: gl.constexpr):
+        """O / l into the [B, L, H, D] buffer straight from the wgmma layout (4-byte stores): unlike
+        ``_store_output`` no shared-memory scratch for a layout conversion (16 KB that would not
+        fit next to three 128-key K/V stages). The output is written once per K/V sweep, so the
+        less coalesced stores cost nothing measurable."""
+        o = o / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
+        rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        row_offsets = ((b * L + rows).to(gl.int64) * H + h) * HEAD_DIM
+        offsets = gl.expand_dims(row_offsets, 1) + gl.expand_dims(cols, 0)
+        gl.store(out_ptr + offsets, o.to(out_ptr.dtype.element_ty), mask=gl.expand_dims(rows < L, 1))
+
+    @gluon.jit
+    def _issue_kv_load(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, block, slot, k_row, k_col, v_row,
+                       v_col, BLOCK_N: gl.constexpr, pred):
+        """TMA copies of K and V tile ``block`` into ring slot ``slot``, each with its own barrier."""
+        n0 = block * BLOCK_N
+        mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes, pred=pred)
+        _tma_load(k_desc, [k_row + n0, k_col], k_ready.index(slot), k_smem.index(slot), pred=pred)
+        mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes, pred=pred)
+        _tma_load(v_desc, [v_row + n0, v_col], v_ready.index(slot), v_smem.index(slot), pred=pred)
+
+    @gluon.jit
+    def _store_output(o, l_i, out_ptr, b, h, m0, L, H, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                      NUM_WARPS: gl.constexpr, o_layout: gl.constexpr):
+        """O / l into the [B, L, H, D] buffer, valid rows only, 16-byte vectors along D."""
+        o = o / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
+        store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [NUM_WARPS, 1],
+                                                      [1, 0])
+        o = gl.convert_layout(o.to(out_ptr.dtype.element_ty), store_layout)
+        rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, store_layout))
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, store_layout))
+        row_offsets = ((b * L + rows).to(gl.int64) * H + h) * HEAD_DIM
+        offsets = gl.expand_dims(row_offsets, 1) + gl.expand_dims(cols, 0)
+        gl.store(out_ptr + offsets, o, mask=gl.expand_dims(rows < L, 1))
+
+    @gluon.jit
+    def _consumer(q_desc, k_desc, v_desc, out_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
+                  q_row, q_col, k_row, k_col, v_row, v_col, b, h, m0, L, H, qk_scale,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                  NUM_WARPS: gl.constexpr, LOADS_INLINE: gl.constexpr):
+        """``BLOCK_M`` query rows from ``m0`` on (``NUM_WARPS`` / 4 warpgroups): the K/V loop with S_j
+        and P_{j-1} V_{j-1} in flight while the softmax of S_j runs. With ``LOADS_INLINE`` these warps
+        also load Q and refill the ring (no producer partition)."""
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+        dtype: gl.constexpr = q_desc.dtype
+        n_blocks = gl.cdiv(L, BLOCK_N)
+
+        if LOADS_INLINE:
+            mbarrier.expect(q_ready, q_desc.block_type.nbytes)
+            _tma_load(q_desc, [q_row + m0, q_col], q_ready, q_smem)
+            for i in gl.static_range(STAGES):
+                _issue_kv_load(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, i, i, k_row, k_col, v_row, v_col,
+                               BLOCK_N, i < n_blocks)
+
+        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+        o = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+        m_i = gl.full([BLOCK_M], -float("inf"), gl.float32, row_layout)
+        l_i = gl.zeros([BLOCK_M], gl.float32, row_layout)
+
+        # Block 0: S_0 alone (nothing to overlap it with yet).
+        mbarrier.wait(q_ready, 0)
+        mbarrier.wait(k_ready.index(0), 0)
+        s_token = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=[s_token])
+        p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, qk_scale, 0, L, BLOCK_N, s_layout)
+
+        for j in range(1, n_blocks):
+            slot = j % STAGES
+            prev = (j - 1) % STAGES
+            # S_j = Q K_j^T, asynchronously.
+            mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
+            s_token = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False,
+                                    is_async=True)
+            # O += P_{j-1} V_{j-1}, asynchronously, P straight from registers.
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+            o_token = warpgroup_mma(p_op, v_smem.index(prev), o, is_async=True)
+            # wgmma groups complete in issue order: one outstanding = S_j is done, P V may still run.
+            s = warpgroup_mma_wait(num_outstanding=1, deps=[s_token])
+            p, m_i, l_i, alpha_j = _online_softmax(s, m_i, l_i, qk_scale, j * BLOCK_N, L, BLOCK_N, s_layout)
+            o, p_op = warpgroup_mma_wait(num_outstanding=0, deps=[o_token, p_op])
+            # Slot ``prev`` (K_{j-1}, V_{j-1}) is free now: refill it or hand it to the producer.
+            if LOADS_INLINE:
+                _cta_barrier()  # both warpgroups are past their reads of the slot
+                _issue_kv_load(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, j - 1 + STAGES, prev, k_row,
+                               k_col, v_row, v_col, BLOCK_N, j - 1 + STAGES < n_blocks)
+            else:
+                mbarrier.arrive(kv_empty.index(prev), count=1)
+            o = o * gl.expand_dims(gl.convert_layout(alpha_j, gl.SliceLayout(1, o_layout)), 1)
+
+        # The last P V.
+        last = n_blocks - 1
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+        o_token = warpgroup_mma(p_op, v_smem.index(last % STAGES), o, is_async=True)
+        o, p_op = warpgroup_mma_wait(num_outstanding=0, deps=[o_token, p_op])
+        _store_output(o, l_i, out_ptr, b, h, m0, L, H, HEAD_DIM, BLOCK_M, NUM_WARPS, o_layout)
+
+    @gluon.jit
+    def _take_turn(turn, t, ME: gl.constexpr, PINGPONG: gl.constexpr):
+        """Ping-pong: consumer ``ME`` waits until it may issue its ``t``-th group of wgmmas. Turns
+        alternate 0, 1, 0, 1, ...: consumer 0's turn t needs consumer 1's pass after its turn t-1
+        (t = 0 passes at once: the parity before a fresh barrier's first phase), consumer 1's turn t
+        needs consumer 0's pass after its turn t. Strict alternation means a barrier never runs two
+        phases ahead of its waiter."""
+        if PINGPONG:
+            mbarrier.wait(turn.index(ME), (t + 1 + ME) & 1)
+
+    @gluon.jit
+    def _pass_turn(turn, ME: gl.constexpr, PINGPONG: gl.constexpr):
+        """Ping-pong: this consumer's wgmmas are issued, the other one may issue. One arrive per
+        partition (Triton lowers it to a partition barrier + one thread's ``mbarrier.arrive``),
+        hence ``count=1`` at init."""
+        if PINGPONG:
+            mbarrier.arrive(turn.index(1 - ME), count=1)
+
+    @gluon.jit
+    def _consumer_fa3(q_desc, k_desc, v_desc, out_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
+                      turn, b, h, m0, L, H, qk_scale,
+                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                      NUM_WARPS: gl.constexpr, ME: gl.constexpr, PINGPONG: gl.constexpr):
+        """One 64-row consumer warpgroup with FA3's loop order (``fa3_loop``):
+
+            wait K_j, V_{j-1}; [take turn]; issue S_j = Q K_j^T; O *= alpha_{j-1};
+            issue O += P_{j-1} V_{j-1}; [pass turn]; wait S_j; softmax(S_j); wait P V; free slot j-1
+
+        Two differences from ``_consumer``: (1) the wait for P V follows a branch join
+        (``_online_softmax_fenced``). In the SASS of ``_consumer`` (ptxas 12.8) that
+        ``wgmma.wait_group 0`` sits right after the row max, before all exp2s: nothing in the PTX
+        ties the pure-ALU softmax to the wait, so ptxas hoists it and the P V product never
+        overlaps the softmax, the intra-warpgroup overlap exists only in the source. (2) O is
+        rescaled while S_j is on the tensor cores, not after the wait.
+        With ``PINGPONG`` each group of wgmma issues is a turn taken alternately by the two
+        consumers (``_take_turn`` / ``_pass_turn``): while one does its softmax the other's GEMMs run.
+        Both consumers take the same number of turns (n_blocks + 1), so the last pass only leaves an
+        arrive nobody waits for."""
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+        o_row_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
+        dtype: gl.constexpr = q_desc.dtype
+        n_blocks = gl.cdiv(L, BLOCK_N)
+
+        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+        o = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+        m_i = gl.full([BLOCK_M], -float("inf"), gl.float32, row_layout)
+        l_i = gl.zeros([BLOCK_M], gl.float32, row_layout)
+
+        # Turn 0: S_0 alone.
+        mbarrier.wait(q_ready, 0)
+        mbarrier.wait(k_ready.index(0), 0)
+        _take_turn(turn, 0, ME, PINGPONG)
+        s_token = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        _pass_turn(turn, ME, PINGPONG)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=[s_token])
+        p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, qk_scale, 0, L, BLOCK_N, s_layout)
+
+        for j in range(1, n_blocks):  # turn j
+            slot = j % STAGES
+            prev = (j - 1) % STAGES
+            # Data first, then the turn: never hold the turn while a TMA copy is still landing.
+            mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
+            mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+            _take_turn(turn, j, ME, PINGPONG)
+            s_token = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False,
+                                    is_async=True)
+            # O (all of P_{<j-1} V, waited for) to the running max of block j-1, while S_j runs.
+            o = o * gl.expand_dims(gl.convert_layout(alpha, o_row_layout), 1)
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            o_token = warpgroup_mma(p_op, v_smem.index(prev), o, is_async=True)
+            _pass_turn(turn, ME, PINGPONG)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=[s_token])
+            p, m_i, l_i, alpha = _online_softmax_fenced(s, m_i, l_i, qk_scale, j * BLOCK_N, L, BLOCK_N, s_layout)
+            # After the branch join: ptxas keeps this wait after the softmax (see the docstring).
+            o, p_op = warpgroup_mma_wait(num_outstanding=0, deps=[o_token, p_op])
+            mbarrier.arrive(kv_empty.index(prev), count=1)  # slot j-1 read by this consumer
+
+        # Turn n_blocks: the last P V.
+        last = n_blocks - 1
+        mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+        _take_turn(turn, n_blocks, ME, PINGPONG)
+        o = o * gl.expand_dims(gl.convert_layout(alpha, o_row_layout), 1)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        o_token = warpgroup_mma(p_op, v_smem.index(last % STAGES), o, is_async=True)
+        _pass_turn(turn, ME, PINGPONG)
+        o, p_op = warpgroup_mma_wait(num_outstanding=0, deps=[o_token, p_op])
+        _store_output_direct(o, l_i, out_ptr, b, h, m0, L, H, HEAD_DIM, BLOCK_M, o_layout)
+
+    @gluon.jit
+    def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
+                  q_row, q_col, k_row, k_col, v_row, v_col, m0, L,
+                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, Q_TILES: gl.constexpr):
+        """The 1-warp TMA partition: the Q tile(s) once, then K/V tiles as soon as their ring slot is
+        empty (released by every consumer partition)."""
+        q_rows: gl.constexpr = q_desc.block_type.shape[0]
+        mbarrier.expect(q_ready, Q_TILES * q_desc.block_type.nbytes)
+        for i in gl.static_range(Q_TILES):
+            _tma_load(q_desc, [q_row + m0 + i * q_rows, q_col], q_ready, q_smem.index(i))
+        n_blocks = gl.cdiv(L, BLOCK_N)
+        for j in range(n_blocks):
+            slot = j % STAGES
+            # Round r of a slot waits for the consumers' r-th release; round 0 passes at once
+            # (waiting on the parity before a fresh barrier's phase 0 completes immediately).
+            mbarrier.wait(kv_empty.index(slot), ((j // STAGES) & 1) ^ 1)
+            _issue_kv_load(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, j, slot, k_row, k_col, v_row, v_col,
+                           BLOCK_N, True)
+
+    @gluon.jit
+    def _attn_fwd_hopper(q_desc, k_desc, v_desc, out_ptr, L, H,
+                         q_row_b, q_row_h, q_col_h, k_row_b, k_row_h, k_col_h, v_row_b, v_row_h, v_col_h,
+                         qk_scale,
+                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                         NUM_WARPS: gl.constexpr, WARP_SPECIALIZE: gl.constexpr, SPLIT_CONSUMERS: gl.constexpr,
+                         PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, FA3_LOOP: gl.constexpr,
+                         PINGPONG: gl.constexpr):
+        """Program (query tile, batch * head). Token n of (b, h) is row b*row_b + h*row_h + n, column
+        h*col_h of each tensor's 2-D view (see ``_view_2d``).
+
+        ``SPLIT_CONSUMERS``: each 64-row half of the tile belongs to its own 4-warp partition (the
+        default one and a worker), so the barriers Triton puts around mbarrier arrives and waits
+        span one warpgroup, never both: the two drift apart and overlap each other's softmax and
+        GEMMs. Otherwise one 8-warp partition owns all rows (``NUM_WARPS`` warps)."""
+        pid_m = gl.program_id(0)
+        pid_bh = gl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        m0 = pid_m * BLOCK_M
+        q_row = b * q_row_b + h * q_row_h
+        k_row = b * k_row_b + h * k_row_h
+        v_row = b * v_row_b + h * v_row_h
+        q_col = h * q_col_h
+        k_col = h * k_col_h
+        v_col = h * v_col_h
+
+        dtype: gl.constexpr = q_desc.dtype
+        Q_TILES: gl.constexpr = 2 if SPLIT_CONSUMERS else 1
+        ROWS: gl.constexpr = BLOCK_M // Q_TILES  # query rows per consumer partition
+        q_smem = gl.allocate_shared_memory(dtype, [Q_TILES, ROWS, HEAD_DIM], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+        q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # ping-pong only
+        mbarrier.init(q_ready, count=1)
+        mbarrier.init(turn.index(0), count=1)  # one arrive per pass (per partition, not per thread)
+        mbarrier.init(turn.index(1), count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(kv_empty.index(i), count=Q_TILES)  # one arrive per consumer partition
+        fence_async_shared()  # barrier initialisation visible to the TMA unit before any copy
+
+        if FA3_LOOP:
+            gl.warp_specialize(
+                [
+                    (_consumer_fa3, (q_desc, k_desc, v_desc, out_ptr, q_smem.index(0), k_smem, v_smem, q_ready,
+                                     k_ready, v_ready, kv_empty, turn, b, h, m0, L, H, qk_scale, ROWS, BLOCK_N,
+                                     HEAD_DIM, STAGES, NUM_WARPS, 0, PINGPONG)),
+                    (_consumer_fa3, (q_desc, k_desc, v_desc, out_ptr, q_smem.index(1), k_smem, v_smem, q_ready,
+                                     k_ready, v_ready, kv_empty, turn, b, h, m0 + ROWS, L, H, qk_scale, ROWS, BLOCK_N,
+                                     HEAD_DIM, STAGES, NUM_WARPS, 1, PINGPONG)),
+                    (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
+                                 q_row, q_col, k_row, k_col, v_row, v_col, m0, L, BLOCK_N, STAGES, Q_TILES)),
+                ],
+                [NUM_WARPS, 1],
+                [CONSUMER_REGS, PRODUCER_REGS],
+            )
+        elif SPLIT_CONSUMERS:
+            gl.warp_specialize(
+                [
+                    (_consumer, (q_desc, k_desc, v_desc, out_ptr, q_smem.index(0), k_smem, v_smem, q_ready, k_ready,
+                                 v_ready, kv_empty, q_row, q_col, k_row, k_col, v_row, v_col, b, h, m0, L, H,
+                                 qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS, False)),
+                    (_consumer, (q_desc, k_desc, v_desc, out_ptr, q_smem.index(1), k_smem, v_smem, q_ready, k_ready,
+                                 v_ready, kv_empty, q_row, q_col, k_row, k_col, v_row, v_col, b, h, m0 + ROWS, L, H,
+                                 qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS, False)),
+                    (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
+                                 q_row, q_col, k_row, k_col, v_row, v_col, m0, L, BLOCK_N, STAGES, Q_TILES)),
+                ],
+                [NUM_WARPS, 1],
+                [CONSUMER_REGS, PRODUCER_REGS],
+            )
+        elif WARP_SPECIALIZE:
+            gl.warp_specialize(
+                [
+                    (_consumer, (q_desc, k_desc, v_desc, out_ptr, q_smem.index(0), k_smem, v_smem, q_ready, k_ready,
+                                 v_ready, kv_empty, q_row, q_col, k_row, k_col, v_row, v_col, b, h, m0, L, H,
+                                 qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS, False)),
+                    (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
+                                 q_row, q_col, k_row, k_col, v_row, v_col, m0, L, BLOCK_N, STAGES, Q_TILES)),
+                ],
+                [1],
+                [PRODUCER_REGS],
+            )
+        else:
+            _consumer(q_desc, k_desc, v_desc, out_ptr, q_smem.index(0), k_smem, v_smem, q_ready, k_ready, v_ready,
+                      kv_empty, q_row, q_col, k_row, k_col, v_row, v_col, b, h, m0, L, H, qk_scale,
+                      ROWS, BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS, True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Host side
+
+
+def _view_2d(t: torch.Tensor):
+    """A 2-D (shape, strides) view of ``t`` [B, H, L, D] for a TMA descriptor and the coordinates
+    of token n of (b, h) in it: row = b*row_b + h*row_h + n, column = h*col_h. ``None`` when the
+    layout is neither [B, H, L, D] nor [B, L, H, D] in memory, or not 16-byte aligned."""
+    B, H, L, D = t.shape
+    sb, sh, sl, sd = t.stride()
+    es = t.element_size()
+    if sd != 1 or (sl * es) % 16 or t.data_ptr() % 16:
+        return None
+    if sl >= D and sh == L * sl and (sb == H * sh or B == 1):  # [B, H, L, D]
+        return [B * H * L, D], [sl, 1], H * L, L, 0
+    if sh >= D and sl == H * sh and (sb == L * sl or B == 1):  # [B, L, H, D]
+        return [B * L, H * sh], [sl, 1], L, 0, sh
+    return None
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if not GLUON_AVAILABLE:
+        raise RuntimeError("triton.experimental.gluon with the Hopper module is not available")
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"self-attention needs q, k, v of one shape [B, H, L, D]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[-1] not in (64, 128):
+        raise ValueError(f"head_dim {q.shape[-1]} is not supported (64 or 128)")
+    if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one 16-bit float dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def _gl_dtype(dtype: torch.dtype):
+    return gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
+
+
+def _constexprs(config: Config, head_dim: int) -> dict:
+    return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, HEAD_DIM=head_dim, STAGES=config.stages,
+                NUM_WARPS=config.num_warps, WARP_SPECIALIZE=config.warp_specialize,
+                SPLIT_CONSUMERS=config.split_consumers, PRODUCER_REGS=config.producer_regs,
+                CONSUMER_REGS=config.consumer_regs, FA3_LOOP=config.fa3_loop, PINGPONG=config.pingpong)
+
+
+def _q_block_rows(config: Config) -> int:
+    """Rows of one Q tile: the whole query tile, or its half per consumer partition when split."""
+    return config.block_m // 2 if config.split_consumers else config.block_m
+
+
+def _validate(config: Config) -> None:
+    if config.num_warps * 16 != _q_block_rows(config):
+        raise ValueError(f"{config}: num_warps must be (rows per consumer partition) / 16: 16 query rows per warp")
+    if config.split_consumers and not config.warp_specialize:
+        raise ValueError(f"{config}: split_consumers needs warp_specialize")
+    if (config.fa3_loop or config.pingpong) and not config.split_consumers:
+        raise ValueError(f"{config}: fa3_loop / pingpong need split_consumers")
+    if config.pingpong and not config.fa3_loop:
+        raise ValueError(f"{config}: pingpong needs fa3_loop")
+
+
+def attention_bf16_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         config: Config = DEFAULT_CONFIG) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v for bf16/fp16 ``[B, H, L, D]`` CUDA tensors on Hopper; returns
+    ``[B, H, L, D]`` (a view of a ``[B, L, H, D]`` buffer)."""
+    _check(q, k, v)
+    _validate(config)
+    # Layouts a 2-D descriptor cannot address are copied to [B, H, L, D] (rare).
+    q, k, v = (t if _view_2d(t) is not None else t.contiguous() for t in (q, k, v))
+    B, H, L, D = q.shape
+    out = torch.empty(B, L, H, D, dtype=q.dtype, device=q.device)
+    element = _gl_dtype(q.dtype)
+    descriptors, coordinates = [], []
+    for t, rows in ((q, _q_block_rows(config)), (k, config.block_n), (v, config.block_n)):
+        shape, strides, row_b, row_h, col_h = _view_2d(t)
+        layout = gl.NVMMASharedLayout.get_default_for([rows, D], element)
+        descriptors.append(TensorDescriptor(t, shape, strides, [rows, D], layout))
+        coordinates += [row_b, row_h, col_h]
+    grid = (triton.cdiv(L, config.block_m), B * H)
+    _attn_fwd_hopper[grid](*descriptors, out, L, H, *coordinates, LOG2E / math.sqrt(D),
+                           **_constexprs(config, D), num_warps=config.num_warps)
+    return out.transpose(1, 2)
+
+
+def compile_for_hopper(config: Config = DEFAULT_CONFIG, head_dim: int = 128, dtype: torch.dtype = torch.bfloat16):
+    """Compile the kernel for sm_90a without a GPU (Triton's own ptxas); returns the compiled
+    kernel (``.asm['ptx']``, ``.n_regs``, ``.n_spills``, ``.metadata.shared``). For tests and
+    for checking register / shared-memory use on machines without a Hopper GPU."""
+    if not GLUON_AVAILABLE:
+        raise RuntimeError("triton.experimental.gluon with the Hopper module is not available")
+    _validate(config)
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    element = _gl_dtype(dtype)
+    # A meta tensor stands in for the data: only dtype, shape and strides enter the signature.
+    fake = torch.empty(1, dtype=dtype, device="meta")
+    signature = {}
+    for name, rows in (("q_desc", _q_block_rows(config)), ("k_desc", config.block_n), ("v_desc", config.block_n)):
+        layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], element)
+        signature[name] = mangle_type(TensorDescriptor(fake.expand(4096, 5120), [4096, 5120], [5120, 1],
+                                                       [rows, head_dim], layout))
+    signature["out_ptr"] = mangle_type(fake)
+    for name in ("L", "H", "q_row_b", "q_row_h", "q_col_h", "k_row_b", "k_row_h", "k_col_h", "v_row_b", "v_row_h",
+                 "v_col_h"):
+        signature[name] = "i32"
+    signature["qk_scale"] = "fp32"
+    constexprs = _constexprs(config, head_dim)
+    for name in constexprs:
+        signature[name] = "constexpr"
+    source = GluonASTSource(_attn_fwd_hopper, signature, constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps})

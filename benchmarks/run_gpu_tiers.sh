@@ -6,31 +6,8 @@
 # the others. Logs and JSON results under $OUT; the summary table is $OUT/summary.txt.
 #
 #   bash benchmarks/run_gpu_tiers.sh          # carried: .whl/ (diffusers, av, ...) and .whl_ao/ (torchao)
-set -uo pipefail
-export PYTHONUNBUFFERED=1 OUT=${OUT:-benchmarks/results}
-export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
-mkdir -p "$OUT"
-DEADLINE=${DEADLINE:-570}  # seconds for the whole script
-SECONDS=0
-
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  .whl/*.whl .whl_ao/*.whl > "$OUT/install.log" 2>&1 || echo "wheel install failed (see install.log)"
-export PYTHONPATH=/tmp/site:$PWD
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, torchao; print('torch', torch.__version__, 'torchao', torchao.__version__)" 2>&1 | tail -1 | tee "$OUT/versions.txt"
-
-step() {  # step NAME LIMIT_S command...: run under min(LIMIT, time left), log to $OUT/NAME.log
-  local name=$1 limit=$2; shift 2
-  local left=$((DEADLINE - SECONDS))
-  if [ "$left" -lt 25 ]; then echo "[$SECONDS s] $name: skipped (deadline)" | tee -a "$OUT/steps.txt"; return; fi
-  [ "$limit" -gt "$left" ] && limit=$left
-  echo "[$SECONDS s] $name (limit ${limit}s)" | tee -a "$OUT/steps.txt"
-  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
-  local rc=$?
-  echo "[$SECONDS s] $name: exit $rc" | tee -a "$OUT/steps.txt"
-  tail -n 3 "$OUT/$name.log"
-  return 0
-}
+DEADLINE=${DEADLINE:-570}
+source "$(dirname "$0")/gpu_common.sh"
 
 # fp8 quality first: it also warms Inductor's cache for the fp8 block graph.
 step fp8_check 110 python3 benchmarks/check_fp8.py --layers 4

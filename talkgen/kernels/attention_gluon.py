@@ -92,6 +92,8 @@ from dataclasses import dataclass
 
 import torch
 
+from talkgen.kernels.layout import view_2d
+
 LOG2E = 1.4426950408889634
 
 try:  # Gluon (Triton >= 3.4) with the Hopper module; absent on older Tritons and some platforms
@@ -449,7 +451,7 @@ if GLUON_AVAILABLE:
                          PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, FA3_LOOP: gl.constexpr,
                          PINGPONG: gl.constexpr):
         """Program (query tile, batch * head). Token n of (b, h) is row b*row_b + h*row_h + n, column
-        h*col_h of each tensor's 2-D view (see ``_view_2d``).
+        h*col_h of each tensor's 2-D view (see ``talkgen.kernels.layout.view_2d``).
 
         ``SPLIT_CONSUMERS``: each 64-row half of the tile belongs to its own 4-warp partition (the
         default one and a worker), so the barriers Triton puts around mbarrier arrives and waits
@@ -539,22 +541,6 @@ if GLUON_AVAILABLE:
 # Host side
 
 
-def _view_2d(t: torch.Tensor):
-    """A 2-D (shape, strides) view of ``t`` [B, H, L, D] for a TMA descriptor and the coordinates
-    of token n of (b, h) in it: row = b*row_b + h*row_h + n, column = h*col_h. ``None`` when the
-    layout is neither [B, H, L, D] nor [B, L, H, D] in memory, or not 16-byte aligned."""
-    B, H, L, D = t.shape
-    sb, sh, sl, sd = t.stride()
-    es = t.element_size()
-    if sd != 1 or (sl * es) % 16 or t.data_ptr() % 16:
-        return None
-    if sl >= D and sh == L * sl and (sb == H * sh or B == 1):  # [B, H, L, D]
-        return [B * H * L, D], [sl, 1], H * L, L, 0
-    if sh >= D and sl == H * sh and (sb == L * sl or B == 1):  # [B, L, H, D]
-        return [B * L, H * sh], [sl, 1], L, 0, sh
-    return None
-
-
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if not GLUON_AVAILABLE:
         raise RuntimeError("triton.experimental.gluon with the Hopper module is not available")
@@ -601,13 +587,13 @@ def attention_bf16_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _check(q, k, v)
     _validate(config)
     # Layouts a 2-D descriptor cannot address are copied to [B, H, L, D] (rare).
-    q, k, v = (t if _view_2d(t) is not None else t.contiguous() for t in (q, k, v))
+    q, k, v = (t if view_2d(t) is not None else t.contiguous() for t in (q, k, v))
     B, H, L, D = q.shape
     out = torch.empty(B, L, H, D, dtype=q.dtype, device=q.device)
     element = _gl_dtype(q.dtype)
     descriptors, coordinates = [], []
     for t, rows in ((q, _q_block_rows(config)), (k, config.block_n), (v, config.block_n)):
-        shape, strides, row_b, row_h, col_h = _view_2d(t)
+        shape, strides, row_b, row_h, col_h = view_2d(t)
         layout = gl.NVMMASharedLayout.get_default_for([rows, D], element)
         descriptors.append(TensorDescriptor(t, shape, strides, [rows, D], layout))
         coordinates += [row_b, row_h, col_h]

@@ -46,6 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
+from talkgen.kernels.layout import view_2d
+
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # Triton < 3.4: only the tl.load variant
@@ -473,22 +475,6 @@ def _attn_fwd_fp8(
 # Host side
 
 
-def _view_2d(t: torch.Tensor):
-    """A 2-D (rows x cols, row stride) view of ``t`` [B, H, L, D] for a tensor descriptor, and the
-    coordinates of token n of (b, h) in it: row = b*rb + h*rh + n, col = h*ch. ``None`` when the
-    layout is neither [B, H, L, D] nor [B, L, H, D] in memory, or not 16-byte aligned."""
-    B, H, L, D = t.shape
-    sb, sh, sl, sd = t.stride()
-    es = t.element_size()
-    if sd != 1 or (sl * es) % 16 or t.data_ptr() % 16:
-        return None
-    if sl >= D and sh == L * sl and (sb == H * sh or B == 1):  # [B, H, L, D]
-        return [B * H * L, D], [sl, 1], H * L, L, 0
-    if sh >= D and sl == H * sh and (sb == L * sl or B == 1):  # [B, L, H, D]
-        return [B * L, H * sh], [sl, 1], L, 0, sh
-    return None
-
-
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"self-attention needs q, k, v of one shape [B, H, L, D]; got {tuple(q.shape)}, "
@@ -511,8 +497,8 @@ def attention_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: Co
     out = _empty_out(q)
     cfg = config if TensorDescriptor is not None else config.portable()
     if cfg.tma:  # layouts a 2-D descriptor cannot address are copied to [B, H, L, D] (rare)
-        q, k, v = (t if _view_2d(t) is not None else t.contiguous() for t in (q, k, v))
-        views = [_view_2d(t) for t in (q, k, v)]
+        q, k, v = (t if view_2d(t) is not None else t.contiguous() for t in (q, k, v))
+        views = [view_2d(t) for t in (q, k, v)]
     sub = cfg.block_m // cfg.split
     if cfg.tma:
         descs = [TensorDescriptor(t, shape, strides, [rows, D])
@@ -573,9 +559,9 @@ def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: Con
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     B, H, L, D = q.shape
     cfg = config if TensorDescriptor is not None else config.portable()
-    if cfg.tma and not cfg.pv_fp8 and _view_2d(v) is None:
+    if cfg.tma and not cfg.pv_fp8 and view_2d(v) is None:
         v = v.contiguous()
-    v_view = _view_2d(v)
+    v_view = view_2d(v)
     qd = quantize_qkv(q, k, v, cfg.block_n, cfg.qk_int8, cfg.pv_fp8)
     LP = qd["LP"]
     out = _empty_out(q)

@@ -5,8 +5,8 @@
 # (stream-blocks, 12 GiB budget, bf16). Each step runs in its own process under its own time limit
 # and an overall deadline; a failing step does not stop the others. Logs and JSON under $OUT.
 #
-#   bash benchmarks/run_gpu_table.sh   # carried: .whl/ .whl_ao/ (benchmarks/fetch_gpu_wheels.sh) and .bench/ (../shared/bench/*.py
-#                                      # + the fetched reference files under .bench/upstream, git-ignored)
+#   bash benchmarks/run_gpu_table.sh   # carried: .whl/ .whl_ao/ (benchmarks/fetch_gpu_wheels.sh) and .bench/
+#                                      # (benchmarks/prepare_bench.sh: ../shared/bench + the reference files)
 source "$(dirname "$0")/gpu_common.sh"
 
 step floor 60 python3 .bench/floor.py 81 448 896

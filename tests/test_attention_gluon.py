@@ -1,7 +1,9 @@
 """The Gluon (Hopper) attention kernel on the CPU: the module imports everywhere, and where
 Triton's Gluon with the Hopper module and ptxas are present, every benchmark variant compiles for
 sm_90a (no GPU needed) into PTX with asynchronous wgmma and without register spills. Whether it
-runs correctly and fast is benchmarks/bench_attention_gluon.py's job, on an H100.
+runs correctly and fast is benchmarks/bench_attention_gluon.py's job, on an H100. The 8-bit
+variants (``FP8_VARIANTS``) are compile-checked the same way, and their arithmetic is checked on
+the CPU through ``emulate_fp8_kernel`` (the kernel's formulas in torch).
 
 The kernel is written against Triton 3.6 (the GPU machine's) and also compiles with 3.9 (CI's):
 the two API renames between them (the TMA load, the CTA barrier) are resolved at import."""
@@ -9,6 +11,8 @@ the two API renames between them (the TMA load, the CTA barrier) are resolved at
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import math
 import shutil
 import time
 from pathlib import Path
@@ -162,3 +166,157 @@ def test_auto_falls_back_to_sdpa_when_the_kernel_fails(monkeypatch):
     assert "PassManager" in attn._gluon_failed
     attn.flash_attention(q, k, v, "gluon-auto")
     assert len(calls) == 2  # given up after the first failure under auto
+
+
+# ------------------------------------------------------------------------------------------------
+# The 8-bit variants (attention_fp8_gluon): compile-checked here, never run on a GPU yet.
+
+
+def test_fp8_variants_are_valid_and_named_apart():
+    variants = attention_gluon.FP8_VARIANTS
+    assert len(variants) >= 2 and len({cfg.name for cfg in variants}) == len(variants)
+    assert {cfg.qk_int8 for cfg in variants} == {True, False}  # both score paths offered
+    assert not set(cfg.name for cfg in variants) & set(cfg.name for cfg in attention_gluon.VARIANTS)
+    assert attention_gluon.DEFAULT_CONFIG not in variants  # never the model's default
+    for cfg in variants:
+        attention_gluon._validate_fp8(cfg)
+        assert attention_gluon.fp8_shared_bytes(cfg) <= attention_gluon.SHARED_LIMIT
+    # 16 KB Q + 4 stages x (K 128x128 + V^T 128x128 bytes) + 15 mbarriers
+    assert attention_gluon.fp8_shared_bytes(attention_gluon.Fp8Config(block_n=128, stages=4)) == 147576
+    with pytest.raises(ValueError, match="shared memory"):
+        attention_gluon._validate_fp8(attention_gluon.Fp8Config(block_n=256, stages=4))
+    with pytest.raises(ValueError, match="block_m 128"):
+        attention_gluon._validate_fp8(attention_gluon.Fp8Config(block_m=64))
+
+
+def test_int32_to_float_bit_trick_is_exact():
+    """The int8 path turns the int32 scores into floats with one integer add: bits(1.5 * 2^23) + s
+    is the float 1.5 * 2^23 + s for |s| < 2^22, and int8 products over D = 128 stay below that."""
+    import torch
+
+    assert 127 * 127 * 128 < 2**22
+    s = torch.cat([torch.arange(-(2**22) + 1, -(2**22) + 1000), torch.arange(-5000, 5000),
+                   torch.arange(2**22 - 1000, 2**22), torch.randint(-(2**22) + 1, 2**22, (100000,))]).to(torch.int32)
+    x = (s + attention_gluon.I32_F32_MAGIC).view(torch.float32)
+    assert torch.equal(x.double() - 12582912.0, s.double())
+    # the kernel folds "- MAGIC" into the per-row offset of one FMA: x * scale - (MAGIC * scale + m - 8)
+    scale = torch.tensor(3e-5)
+    m = (x.amax() - 12582912.0) * scale
+    fused = x.double() * scale.double() - (scale * 12582912.0 + (m - attention_gluon.P_SHIFT)).double()
+    exact = s.double() * scale.double() - (m.double() - attention_gluon.P_SHIFT)
+    assert (fused - exact).abs().max().item() < 1e-4  # log2 units: p off by < 0.01 %
+
+
+def _dit_qkv(L: int, H: int = 2):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.bench_attention import make_qkv
+
+    return make_qkv("dit", 1, H, L, device="cpu")
+
+
+def _ref(q, k, v):
+    import torch
+
+    qf, kf, vf = q.double(), k.double(), v.double()
+    return torch.softmax(qf @ kf.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1) @ vf
+
+
+def _err(out, ref) -> float:
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def test_fp8_kernel_arithmetic_on_cpu():
+    """The kernel's arithmetic (``emulate_fp8_kernel``: scales, the 2^8 shift of P, the smoothing
+    terms, tile-by-tile online softmax, the epilogue) on DiT-like inputs, two ways: against plain
+    float math on the dequantized buffers (the scale bookkeeping; only P's e4m3 rounding differs)
+    and against float64 attention on the original inputs (the bound the GPU benchmark holds the
+    kernel to, 3e-2, for int8 Q K^T; e4m3 Q K^T is 2-3x worse, as in attention_triton)."""
+    import torch
+
+    q, k, v = _dit_qkv(1000)  # 1000 = 7 full 128-key tiles + a masked one
+    B, H, L, D = q.shape
+    ref = _ref(q, k, v)
+    for qk_int8, bound in ((True, 3e-2), (False, 6e-2)):
+        qd = attention_gluon.quantize_qkv_reference(q, k, v, 128, qk_int8)
+        out = attention_gluon.emulate_fp8_kernel(qd, q.shape, 128, qk_int8, torch.float32)
+        LP = qd["LP"]
+        q_deq = qd["q8"].view(B, H, LP, D)[:, :, :L].double() * qd["q_scale"].view(B, H, LP, 1)[:, :, :L].double()
+        k_deq = (qd["k8"].view(B, H, LP // 128, 128, D).double()
+                 * qd["k_scale"].view(B, H, LP // 128, 1, 1).double()).view(B, H, LP, D)[:, :, :L]
+        v_deq = (qd["vt8"].view(B, H, D, LP)[..., :L].transpose(-1, -2).double()
+                 * qd["v_scale"].view(B, H, 1, D).double() + qd["v_mean"].view(B, H, 1, D).double())
+        # q_scale holds log2(e) / sqrt(D): scores in log2 units, softmax in base 2
+        direct = torch.softmax(q_deq @ k_deq.transpose(-1, -2) / LOG2E_DOUBLE, -1) @ v_deq
+        assert _err(out, direct) < 2e-2, qk_int8  # P's e4m3 rounding only
+        assert _err(out, ref) < bound, (qk_int8, _err(out, ref))
+        if qk_int8:
+            assert _err(out, ref) < _err(out.double() - qd["v_mean"].view(B, H, 1, D), ref) / 10  # mean_v matters
+
+
+LOG2E_DOUBLE = 1.4426950408889634
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_reference_quantizer_matches_quantize_qkv():
+    """``quantize_qkv_reference`` (the CPU twin used above) against the real Triton pre-pass, run in
+    Triton's interpreter in a fresh process (it must be set before triton is imported)."""
+    import os
+    import subprocess
+    import sys
+
+    code = r"""
+import torch
+from talkgen.kernels import attention_triton, attention_gluon as ag
+g = torch.Generator().manual_seed(0)
+x = torch.randn(3, 1, 300, 2, 128, generator=g)
+x[1] += 2.0
+q, k, v = (x[i].to(torch.bfloat16).transpose(1, 2) for i in range(3))
+for i8 in (True, False):
+    a = attention_triton.quantize_qkv(q, k, v, 128, qk_int8=i8)
+    b = ag.quantize_qkv_reference(q, k, v, 128, i8)
+    assert a["LP"] == b["LP"] and a["q8"].shape == b["q8"].shape and a["vt8"].shape == b["vt8"].shape
+    for name in ("q_scale", "k_scale", "v_scale", "v_mean"):
+        assert torch.allclose(a[name].float().view(-1), b[name].float().view(-1), rtol=1e-5, atol=1e-7), name
+    for name in ("q8", "k8", "vt8"):
+        d = (a[name].float() - b[name].float()).abs()
+        if a[name].dtype == torch.int8:
+            assert (d <= 1).all() and (d > 0).float().mean() < 0.01, name
+        else:  # the interpreter's e4m3 rounding is cruder than the GPU's (some values off by 2x)
+            assert (d > 0).float().mean() < 0.05, (name, (d > 0).float().mean())
+print("OK")
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, env=dict(os.environ, TRITON_INTERPRET="1"), timeout=120)
+    assert "OK" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
+
+
+@pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+def test_fp8_variants_compile_for_hopper(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # really compile, never a cached cubin
+    start = time.time()
+    for cfg in attention_gluon.FP8_VARIANTS:
+        compiled = attention_gluon.compile_fp8_for_hopper(cfg, head_dim=128)
+        ptx = compiled.asm["ptx"]
+        assert ".target sm_90a" in ptx, cfg.name
+        # the 8-bit tensor-core products: S = Q8 K8^T (int8 -> s32 or e4m3 -> f32), O += P8 V8 (e4m3 -> f32)
+        qk = ".s32.s8.s8" if cfg.qk_int8 else ".f32.e4m3.e4m3"
+        assert f"wgmma.mma_async.sync.aligned.m64n{cfg.block_n}k32{qk}" in ptx, cfg.name
+        assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in ptx, cfg.name
+        assert "wgmma.mma_async.sync.aligned.m64n128k16" not in ptx, f"{cfg.name}: a 16-bit product"
+        spilled = _local_memory_bytes(compiled.asm["cubin"], tmp_path)
+        assert spilled in (None, 0), f"{cfg.name}: {spilled} B of local memory (register spills)"
+        shared = compiled.metadata.shared
+        assert shared <= attention_gluon.SHARED_LIMIT, f"{cfg.name}: {shared} B shared"
+        estimate = attention_gluon.fp8_shared_bytes(cfg)
+        assert estimate <= shared <= estimate + 1024, f"{cfg.name}: {shared} B shared, estimated {estimate}"
+        assert "setmaxnreg" in ptx and ptx.count("mbarrier.arrive.shared::cta.b64") >= 4 * 2, cfg.name
+        # the FA3 loop's point, as for the bf16 variants: the exp2s between "S_j done" and "P V done"
+        events = _sass_events(compiled.asm["cubin"], tmp_path)
+        if events is not None:
+            arms = events.split("w")[1:]
+            assert len(arms) == 2, f"{cfg.name}: {len(arms)} 'wait all but one' in the SASS, expected 2"
+            for arm in arms:
+                assert arm.split("W")[0].count("e") >= cfg.block_n // 4, f"{cfg.name}: P V wait hoisted"
+    assert time.time() - start < 45

@@ -83,6 +83,22 @@ gap (and the issue's 1.15x) is not closed. The Gluon API is experimental and cha
 releases; the two renames between 3.6 and 3.9 (TMA load, CTA barrier) are resolved at import
 (``_tma_load``, ``_cta_barrier``), and ``talkgen.models.attention`` falls back to SDPA when the kernel
 fails to compile under ``auto``.
+
+8-bit variants (``attention_fp8_gluon``, ``FP8_VARIANTS``; COMPILE-CHECKED ONLY, NOT YET RUN ON A
+GPU: correctness and speed are unknown, and none is used by the model). SageAttention-2's
+arithmetic, as the tl kernel's ``attention_fp8(..., FP8_FAST_CONFIG)`` (713-762 TFLOP/s
+bf16-equivalent, 2.5e-2 relative error on DiT-like inputs), on the ping-pong layout above:
+``attention_triton.quantize_qkv`` (int8 Q per token, int8 K per 128-key block after subtracting
+K's mean, V^T in e4m3 per channel after subtracting V's mean; its buffers go to TMA descriptors
+unchanged), then S = Q8 K8^T by int8 wgmma (s32, turned into float32 by one integer add: a
+magic-number bit trick) or e4m3 wgmma (f32), online softmax in base 2 with the per-(row, K tile)
+scale q_scale * k_scale, P = 2^8 exp2(s - m) in e4m3 straight from registers into an e4m3 wgmma
+against the K-major V^T tile, O / l * V's scale + V's mean at the end (reasoning in the comments of
+``_softmax_core_fp8`` and ``_store_output_fp8``). Producer warp, two ping-pong consumer
+warpgroups and the FA3 loop as ``DEFAULT_CONFIG``; the 8-bit K/V stage (32 KB at 128 keys) allows
+4-6 stages. ``emulate_fp8_kernel`` replays the kernel's arithmetic in torch (CPU test: 1.6-1.9e-2
+relative error on DiT-like inputs with int8 Q K^T, 3.9-4.4e-2 with e4m3 Q K^T, over the 3e-2 bar);
+``python3 benchmarks/bench_attention_gluon.py --fp8`` is the GPU check and timing.
 """
 
 from __future__ import annotations
@@ -177,6 +193,43 @@ VARIANTS: tuple[Config, ...] = (
 # ping-pong consumers with a 3-stage ring of 128-key tiles: 616 TFLOP/s, 1.05x SDPA on an H100
 # (2026-12-06, benchmarks/bench_attention_gluon.py).
 DEFAULT_CONFIG = next(cfg for cfg in VARIANTS if cfg.name == "ws-split-pp-m128-n128-s3-w4")
+
+
+@dataclass(frozen=True)
+class Fp8Config:
+    """Tile and launch options of the 8-bit kernel (:func:`attention_fp8_gluon`). The warp layout is
+    always the ping-pong one of ``DEFAULT_CONFIG`` (a 1-warp TMA producer and two 4-warp consumer
+    warpgroups of ``block_m / 2`` = 64 query rows taking turns at the tensor cores, FA3 loop);
+    ``qk_int8``: S = Q K^T from int8 operands (s32 accumulator), else from e4m3 ones (f32).
+    P V is always e4m3 x e4m3 -> f32."""
+
+    block_m: int = 128
+    block_n: int = 128
+    stages: int = 4
+    qk_int8: bool = True
+    num_warps: int = 4  # per consumer warpgroup: 64 rows / 16
+    producer_regs: int = 24
+    consumer_regs: int = 240
+
+    @property
+    def name(self) -> str:
+        qk = "i8qk" if self.qk_int8 else "e4qk"
+        return f"fp8-pp-{qk}-m{self.block_m}-n{self.block_n}-s{self.stages}-w{self.num_warps}"
+
+
+# The 8-bit variants (compile-checked only, never run on a GPU yet: see the module docstring). None
+# is used by the model. 8-bit tiles are half the bytes of bf16 ones, so a 128-key K/V stage is 32 KB
+# (K 128 x 128 + V^T 128 x 128 bytes) and a 4-stage ring + Q (16 KB) takes 144 KB of the 227 KB.
+FP8_VARIANTS: tuple[Fp8Config, ...] = (
+    # SageAttention-2's choice: int8 Q K^T (exact products; the int32 accumulator cannot round).
+    Fp8Config(block_n=128, stages=4, qk_int8=True),
+    # e4m3 Q K^T: no int -> float step in the softmax (one integer add per score less), but 2-3x
+    # the quantization error of int8 on the scores: emulate_fp8_kernel gives 3.9-4.4e-2 on DiT-like
+    # inputs, over the benchmark's 3e-2 bar. Offered to measure what int8 costs in speed.
+    Fp8Config(block_n=128, stages=4, qk_int8=False),
+    # int8 with a deeper ring: 6 stages of 32 KB + Q = 208 KB.
+    Fp8Config(block_n=128, stages=6, qk_int8=True),
+)
 
 # ------------------------------------------------------------------------------------------------
 # Device code
@@ -536,6 +589,243 @@ if GLUON_AVAILABLE:
                       kv_empty, q_row, q_col, k_row, k_col, v_row, v_col, b, h, m0, L, H, qk_scale,
                       ROWS, BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS, True)
 
+    # --------------------------------------------------------------------------------------------
+    # 8-bit kernel (SageAttention-2 style), ping-pong layout. Inputs are quantize_qkv's buffers:
+    #   Q8 [B*H*LP, D] int8/e4m3, Q8[t] = round(q[t] / sq[t]), q_scale[t] = sq[t] * log2(e)/sqrt(D);
+    #   K8 [B*H*LP, D] int8/e4m3, K8[t] = round((k[t] - mean_t k) / sk[blk(t)]), k_scale[blk] = sk[blk],
+    #       one scale per block of BLOCK_N tokens (the kernel's K tile: LP is a multiple of 256,
+    #       so a tile never straddles two heads or two scale blocks);
+    #   VT8 [B*H*D, LP] e4m3, VT8[d, t] = (v[t, d] - mean_t v[:, d]) / sv[d];
+    # rows / columns past L are zeros. Then, for query t and key u:
+    #   score2(t, u) = q[t].k[u] * log2(e)/sqrt(D) (+ a per-row constant q[t].mean k, which the
+    #                  softmax ignores: the smoothing) ~= (Q8[t].K8[u]) * q_scale[t] * k_scale[blk(u)]
+    # so the raw 8-bit product only needs one per-row factor per K tile: row_scale = q_scale * sk.
+
+    @gluon.jit
+    def _softmax_core_fp8(x, m_i, l_i, row_scale, QK_INT8: gl.constexpr, P_SHIFT: gl.constexpr):
+        """Online softmax of one (already masked) block of 8-bit scores, base 2, float32 state.
+
+        ``x``: int8 path: the float32 whose bits are ``0x4B400000 + s`` with s the int32 product
+        (see ``_softmax_fp8``), i.e. exactly x = 1.5 * 2^23 + s (|s| <= 127 * 127 * 128 < 2^22);
+        e4m3 path: s itself. Score in log2 units: (x - MAGIC) * row_scale (MAGIC = 1.5 * 2^23 or 0).
+        Running max m in those units, unshifted.
+        P = 2^P_SHIFT * exp2(score - m) in (0, 2^8]: with the shift, e4m3 (smallest subnormal 2^-9,
+        normals from 2^-6, largest 448) keeps probabilities down to 2^-17 instead of flushing
+        everything under 2^-9 to zero, and 256 < 448 never saturates. The same 2^8 multiplies l
+        (the sum of these p) and O (the sum of p V), so it cancels in O / l.
+        One FFMA per score: x * row_scale - off with off = MAGIC * row_scale + m - P_SHIFT per row.
+        The FFMA rounds once, after the exact product; off is rounded to float32, an absolute error
+        <= 2^-24 * |off| ~ 2^-24 * 6 * max|score| (|s| < 2^21 < MAGIC / 6): 1e-5 for scores of
+        30 (log2 units), far below e4m3's 2^-4 relative rounding of P."""
+        if QK_INT8:
+            # Row max on x (exactly MAGIC + s, monotonic in s), minus MAGIC: exact (Sterbenz).
+            m_new = gl.maximum(m_i, (gl.max(x, axis=1) - 12582912.0) * row_scale)
+            off = row_scale * 12582912.0 + (m_new - P_SHIFT)
+        else:
+            m_new = gl.maximum(m_i, gl.max(x, axis=1) * row_scale)
+            off = m_new - P_SHIFT
+        # -inf (masked column) * positive scale - off = -inf -> p = 0.
+        p = gl.exp2(x * gl.expand_dims(row_scale, 1) - gl.expand_dims(off, 1))
+        alpha = gl.exp2(m_i - m_new)  # m_i = -inf on the first block: alpha = 0; shift-free
+        # l sums the float32 p (before its e4m3 rounding, as the tl kernel; SageAttention-2 too).
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        return p, m_new, l_i, alpha
+
+    @gluon.jit
+    def _softmax_fp8(s, m_i, l_i, row_scale, n0, L, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
+                     QK_INT8: gl.constexpr, P_SHIFT: gl.constexpr):
+        """int32 / float32 scores of one K tile -> P (float32, times 2^P_SHIFT) and the new state.
+        The whole softmax sits in both arms of the masking branch (the FA3 loop's fence, see
+        ``_online_softmax_fenced``): ptxas keeps the P V wait that follows after the exp2s.
+
+        int8 path, int32 -> float32 without the conversion instruction (the magic-number trick of
+        the tl kernel's ``_i32_to_f32``): for |s| < 2^22 the int32 0x4B400000 + s is the bit
+        pattern of the float 1.5 * 2^23 + s (exponent 23, s added to the mantissa), so one integer
+        add gives x = MAGIC + s exactly; the - MAGIC is folded into the per-row offset of
+        ``_softmax_core_fp8``."""
+        if QK_INT8:
+            x = (s + 0x4B400000).to(gl.float32, bitcast=True)
+        else:
+            x = s
+        if n0 + BLOCK_N > L:  # the last K tile: K8 rows past L are zeros (score 0), not -inf: mask
+            cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            x = gl.where(gl.expand_dims(cols < L, 0), x, -float("inf"))
+            p, m_new, l_new, alpha = _softmax_core_fp8(x, m_i, l_i, row_scale, QK_INT8, P_SHIFT)
+        else:
+            p, m_new, l_new, alpha = _softmax_core_fp8(x, m_i, l_i, row_scale, QK_INT8, P_SHIFT)
+        return p, m_new, l_new, alpha
+
+    @gluon.jit
+    def _store_output_fp8(o, l_i, v_scale_ptr, v_mean_ptr, out_ptr, bh, b, h, m0, L, H, HEAD_DIM: gl.constexpr,
+                          BLOCK_M: gl.constexpr, o_layout: gl.constexpr):
+        """out[t, d] = O[t, d] / l[t] * sv[d] + mean_v[d], straight from the wgmma layout.
+
+        O = sum_u 2^8 p(t, u) VT8[d, u] and l = sum_u 2^8 p(t, u): the 2^8 cancels, O / l is the
+        softmax-weighted mean of the smoothed, scaled V; times sv undoes the scale and, the weights
+        summing to 1, adding mean_v undoes the smoothing (exactly so for the float32 p; the e4m3
+        rounding of p, whose sum is not l, leaves an error proportional to |mean_v|)."""
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        v_scale = gl.load(v_scale_ptr + bh * HEAD_DIM + cols)
+        v_mean = gl.load(v_mean_ptr + bh * HEAD_DIM + cols)
+        inv_l = 1.0 / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+        o = (o * gl.expand_dims(inv_l, 1)) * gl.expand_dims(v_scale, 0) + gl.expand_dims(v_mean, 0)
+        rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+        row_offsets = ((b * L + rows).to(gl.int64) * H + h) * HEAD_DIM
+        offsets = gl.expand_dims(row_offsets, 1) + gl.expand_dims(cols, 0)
+        gl.store(out_ptr + offsets, o.to(out_ptr.dtype.element_ty), mask=gl.expand_dims(rows < L, 1))
+
+    @gluon.jit
+    def _consumer_fp8(out_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, v_mean_ptr, q_smem, k_smem, v_smem,
+                      q_ready, k_ready, v_ready, kv_empty, turn, bh, b, h, m0, L, H, LP,
+                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                      NUM_WARPS: gl.constexpr, ME: gl.constexpr, QK_INT8: gl.constexpr, P_SHIFT: gl.constexpr):
+        """One 64-row consumer warpgroup of the 8-bit kernel: ``_consumer_fa3``'s loop with ping-pong
+        turns, 8-bit operands (wgmma K = 32 per instruction: ``instr_shape`` [16, N, 32], P's
+        register operand packs 4 bytes per 32-bit register: ``k_width=4``):
+
+            S_j = Q8 K8_j^T                      (int8 -> s32, or e4m3 -> f32; both from shared)
+            P_j = 2^8 exp2(S_j * q_scale * sk_j - m)   (float32, then e4m3 in registers)
+            O  += P_{j-1} VT8_{j-1}^T             (e4m3 x e4m3 -> f32; V^T tile [D, BLOCK_N] in shared,
+                                                   permuted to the K-major [BLOCK_N, D] operand that
+                                                   8-bit wgmma requires for B)
+
+        O stays in the wgmma's float32 accumulator across all K tiles (the tl kernel's
+        ``FP8_FAST_CONFIG``, ``two_level=False``)."""
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                           instr_shape=[16, BLOCK_N, 32])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                           instr_shape=[16, HEAD_DIM, 32])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+        row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+        o_row_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
+        p_dtype: gl.constexpr = v_smem.dtype
+        n_blocks = gl.cdiv(L, BLOCK_N)
+
+        if QK_INT8:
+            s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, s_layout)
+        else:
+            s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+        o = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+        m_i = gl.full([BLOCK_M], -float("inf"), gl.float32, row_layout)
+        l_i = gl.zeros([BLOCK_M], gl.float32, row_layout)
+        # Per-token Q scales of this warpgroup's rows (m0 + 64 <= LP: LP is a multiple of 256) and
+        # the per-block K scales of this head (LP / BLOCK_N of them).
+        q_scale = gl.load(q_scale_ptr + bh * LP + m0 + gl.arange(0, BLOCK_M, layout=row_layout))
+        k_scale_head = k_scale_ptr + bh * (LP // BLOCK_N)
+
+        # Turn 0: S_0 alone.
+        sk = gl.load(k_scale_head)
+        mbarrier.wait(q_ready, 0)
+        mbarrier.wait(k_ready.index(0), 0)
+        _take_turn(turn, 0, ME, True)
+        s_token = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        _pass_turn(turn, ME, True)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=[s_token])
+        p, m_i, l_i, alpha = _softmax_fp8(s, m_i, l_i, q_scale * sk, 0, L, BLOCK_N, s_layout, QK_INT8, P_SHIFT)
+
+        for j in range(1, n_blocks):  # turn j
+            slot = j % STAGES
+            prev = (j - 1) % STAGES
+            sk = gl.load(k_scale_head + j)  # issued early: its latency hides behind the waits and S_j
+            mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
+            mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+            _take_turn(turn, j, ME, True)
+            s_token = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False,
+                                    is_async=True)
+            o = o * gl.expand_dims(gl.convert_layout(alpha, o_row_layout), 1)
+            # p <= 2^8 < 448: the rounding conversion (cvt.rn.satfinite) never saturates.
+            p_op = gl.convert_layout(p.to(p_dtype), p_layout)
+            o_token = warpgroup_mma(p_op, v_smem.index(prev).permute((1, 0)), o, is_async=True)
+            _pass_turn(turn, ME, True)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=[s_token])
+            p, m_i, l_i, alpha = _softmax_fp8(s, m_i, l_i, q_scale * sk, j * BLOCK_N, L, BLOCK_N, s_layout,
+                                              QK_INT8, P_SHIFT)
+            # deps: only the accumulator. Triton (3.6 and 3.9) cannot lower 8-bit register deps
+            # ("Unexpected bitwidth in WGMMAWaitGroupOp: 8"). P's registers need no LLVM-level
+            # keep-alive: p_op is not used after the issue, its next definition (iteration j + 1)
+            # comes after this wait, and ptxas itself keeps a wgmma's register operands allocated
+            # until the wait_group that retires it (PTX ISA: modifying them earlier is undefined,
+            # so ptxas tracks them, as for CUTLASS's register-A fp8 GEMMs).
+            o = warpgroup_mma_wait(num_outstanding=0, deps=[o_token])
+            mbarrier.arrive(kv_empty.index(prev), count=1)  # slot j-1 read by this consumer
+
+        # Turn n_blocks: the last P V.
+        last = n_blocks - 1
+        mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+        _take_turn(turn, n_blocks, ME, True)
+        o = o * gl.expand_dims(gl.convert_layout(alpha, o_row_layout), 1)
+        p_op = gl.convert_layout(p.to(p_dtype), p_layout)
+        o_token = warpgroup_mma(p_op, v_smem.index(last % STAGES).permute((1, 0)), o, is_async=True)
+        _pass_turn(turn, ME, True)
+        o = warpgroup_mma_wait(num_outstanding=0, deps=[o_token])
+        _store_output_fp8(o, l_i, v_scale_ptr, v_mean_ptr, out_ptr, bh, b, h, m0, L, H, HEAD_DIM, BLOCK_M,
+                          o_layout)
+
+    @gluon.jit
+    def _producer_fp8(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
+                      bh, m0, L, LP, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HEAD_DIM: gl.constexpr):
+        """``_producer`` for quantize_qkv's buffers: Q8 / K8 tiles at row bh * LP + token, the V^T
+        tile of tokens n0 .. n0 + BLOCK_N at [bh * D, n0] (never out of bounds: L <= LP)."""
+        q_rows: gl.constexpr = q_desc.block_type.shape[0]
+        mbarrier.expect(q_ready, 2 * q_desc.block_type.nbytes)
+        for i in gl.static_range(2):
+            _tma_load(q_desc, [bh * LP + m0 + i * q_rows, 0], q_ready, q_smem.index(i))
+        n_blocks = gl.cdiv(L, BLOCK_N)
+        for j in range(n_blocks):
+            slot = j % STAGES
+            mbarrier.wait(kv_empty.index(slot), ((j // STAGES) & 1) ^ 1)  # round 0 passes at once
+            n0 = j * BLOCK_N
+            mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+            _tma_load(k_desc, [bh * LP + n0, 0], k_ready.index(slot), k_smem.index(slot))
+            mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+            _tma_load(v_desc, [bh * HEAD_DIM, n0], v_ready.index(slot), v_smem.index(slot))
+
+    @gluon.jit
+    def _attn_fwd_fp8_hopper(q_desc, k_desc, v_desc, out_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, v_mean_ptr,
+                             L, H, LP,
+                             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                             STAGES: gl.constexpr, NUM_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                             CONSUMER_REGS: gl.constexpr, QK_INT8: gl.constexpr, P_SHIFT: gl.constexpr):
+        """Program (query tile, batch * head) of the 8-bit kernel: ``_attn_fwd_hopper``'s ping-pong
+        layout (producer warp, two 64-row consumer warpgroups taking turns) on 8-bit tiles."""
+        pid_m = gl.program_id(0)
+        bh = gl.program_id(1)
+        b = bh // H
+        h = bh % H
+        m0 = pid_m * BLOCK_M
+        ROWS: gl.constexpr = BLOCK_M // 2
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, ROWS, HEAD_DIM], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, HEAD_DIM, BLOCK_N], v_desc.layout)
+        q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_ready, count=1)
+        mbarrier.init(turn.index(0), count=1)
+        mbarrier.init(turn.index(1), count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(kv_empty.index(i), count=2)  # one arrive per consumer partition
+        fence_async_shared()
+
+        gl.warp_specialize(
+            [
+                (_consumer_fp8, (out_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, v_mean_ptr, q_smem.index(0), k_smem,
+                                 v_smem, q_ready, k_ready, v_ready, kv_empty, turn, bh, b, h, m0, L, H, LP, ROWS,
+                                 BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS, 0, QK_INT8, P_SHIFT)),
+                (_consumer_fp8, (out_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, v_mean_ptr, q_smem.index(1), k_smem,
+                                 v_smem, q_ready, k_ready, v_ready, kv_empty, turn, bh, b, h, m0 + ROWS, L, H, LP,
+                                 ROWS, BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS, 1, QK_INT8, P_SHIFT)),
+                (_producer_fp8, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
+                                 bh, m0, L, LP, BLOCK_N, STAGES, HEAD_DIM)),
+            ],
+            [NUM_WARPS, 1],
+            [CONSUMER_REGS, PRODUCER_REGS],
+        )
+
 
 # ------------------------------------------------------------------------------------------------
 # Host side
@@ -632,3 +922,185 @@ def compile_for_hopper(config: Config = DEFAULT_CONFIG, head_dim: int = 128, dty
         signature[name] = "constexpr"
     source = GluonASTSource(_attn_fwd_hopper, signature, constexprs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps})
+
+
+# ------------------------------------------------------------------------------------------------
+# 8-bit kernel, host side
+
+P_SHIFT = 8.0  # e4m3 P is 2^8 * exp2(s - m), as in attention_triton (its P_SHIFT)
+I32_F32_MAGIC = 0x4B400000  # bits of the float 1.5 * 2^23: bits(MAGIC) + s == float(1.5 * 2^23 + s) for |s| < 2^22
+SHARED_LIMIT = 232448  # bytes of shared memory one block may use on an H100
+
+
+def fp8_shared_bytes(config: Fp8Config, head_dim: int = 128) -> int:
+    """Shared memory of the 8-bit kernel: the Q tile (two 64-row halves), ``stages`` K tiles
+    [block_n, D] and V^T tiles [D, block_n] of one byte per element, and its 8-byte mbarriers
+    (Q, K / V ready and slot-empty per stage, two turns). The compiler may add alignment padding
+    (the compile test checks how much)."""
+    tiles = config.block_m * head_dim + config.stages * 2 * config.block_n * head_dim
+    return tiles + 8 * (1 + 3 * config.stages + 2)
+
+
+def _validate_fp8(config: Fp8Config, head_dim: int = 128) -> None:
+    if config.block_m != 128 or config.num_warps != 4:
+        raise ValueError(f"{config}: the 8-bit kernel has two 64-row consumer warpgroups: block_m 128, num_warps 4")
+    if config.block_n not in (64, 128, 256):
+        raise ValueError(f"{config}: block_n must be 64, 128 or 256 (a divisor of quantize_qkv's 256-token padding)")
+    if config.stages < 2:
+        raise ValueError(f"{config}: the K/V ring needs at least 2 stages")
+    if fp8_shared_bytes(config, head_dim) > SHARED_LIMIT:
+        raise ValueError(f"{config}: {fp8_shared_bytes(config, head_dim)} B of shared memory > {SHARED_LIMIT}")
+
+
+def _fp8_constexprs(config: Fp8Config, head_dim: int) -> dict:
+    return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, HEAD_DIM=head_dim, STAGES=config.stages,
+                NUM_WARPS=config.num_warps, PRODUCER_REGS=config.producer_regs, CONSUMER_REGS=config.consumer_regs,
+                QK_INT8=config.qk_int8, P_SHIFT=P_SHIFT)
+
+
+def _fp8_layouts(config: Fp8Config, head_dim: int):
+    """(element type, block shape, shared layout) of the Q8, K8 and VT8 descriptors."""
+    qk = gl.int8 if config.qk_int8 else gl.float8e4nv
+    blocks = ((qk, [config.block_m // 2, head_dim]), (qk, [config.block_n, head_dim]),
+              (gl.float8e4nv, [head_dim, config.block_n]))
+    return [(el, block, gl.NVMMASharedLayout.get_default_for(block, el)) for el, block in blocks]
+
+
+def attention_fp8_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        config: Fp8Config | None = None) -> torch.Tensor:
+    """8-bit (SageAttention-2 style) softmax(q k^T / sqrt(D)) v for bf16/fp16 ``[B, H, L, 128]``
+    CUDA tensors on Hopper; returns ``[B, H, L, D]`` in the input dtype (a view of a
+    ``[B, L, H, D]`` buffer). Compile-checked only so far (see the module docstring).
+
+    Quantization is ``attention_triton.quantize_qkv`` (three small Triton kernels, part of the
+    call's time). Its buffers suit TMA descriptors as they are, no adapter: Q8 / K8 are row-major
+    [B*H*LP, D] (128-byte rows), VT8 row-major [B*H*D, LP] (LP a multiple of 256, so 16-byte
+    aligned rows), contiguous, zero-padded to LP tokens per head, so no tile crosses a head."""
+    config = config or FP8_VARIANTS[0]
+    _check(q, k, v)
+    if q.shape[-1] != 128:
+        raise ValueError(f"the 8-bit Gluon kernel supports head_dim 128 only; got {q.shape[-1]}")
+    _validate_fp8(config)
+    from talkgen.kernels.attention_triton import quantize_qkv  # imports triton's tl at module level
+
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    B, H, L, D = q.shape
+    qd = quantize_qkv(q, k, v, config.block_n, qk_int8=config.qk_int8, pv_fp8=True)
+    LP = qd["LP"]
+    out = torch.empty(B, L, H, D, dtype=q.dtype, device=q.device)
+    (_, q_block, q_layout), (_, k_block, k_layout), (_, v_block, v_layout) = _fp8_layouts(config, D)
+    q_desc = TensorDescriptor(qd["q8"], [B * H * LP, D], [D, 1], q_block, q_layout)
+    k_desc = TensorDescriptor(qd["k8"], [B * H * LP, D], [D, 1], k_block, k_layout)
+    v_desc = TensorDescriptor(qd["vt8"], [B * H * D, LP], [LP, 1], v_block, v_layout)
+    grid = (triton.cdiv(L, config.block_m), B * H)
+    _attn_fwd_fp8_hopper[grid](q_desc, k_desc, v_desc, out, qd["q_scale"], qd["k_scale"], qd["v_scale"],
+                               qd["v_mean"], L, H, LP, **_fp8_constexprs(config, D), num_warps=config.num_warps)
+    return out.transpose(1, 2)
+
+
+def compile_fp8_for_hopper(config: Fp8Config | None = None, head_dim: int = 128,
+                           dtype: torch.dtype = torch.bfloat16):
+    """``compile_for_hopper`` for the 8-bit kernel (``dtype``: the output's)."""
+    config = config or FP8_VARIANTS[0]
+    if not GLUON_AVAILABLE:
+        raise RuntimeError("triton.experimental.gluon with the Hopper module is not available")
+    _validate_fp8(config, head_dim)
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    torch_types = {gl.int8: torch.int8, gl.float8e4nv: torch.float8_e4m3fn}
+    signature = {}
+    for name, (el, block, layout) in zip(("q_desc", "k_desc", "v_desc"), _fp8_layouts(config, head_dim)):
+        fake = torch.empty(1, dtype=torch_types[el], device="meta").expand(4096, 4096)
+        signature[name] = mangle_type(TensorDescriptor(fake, [4096, 4096], [4096, 1], block, layout))
+    signature["out_ptr"] = mangle_type(torch.empty(1, dtype=dtype, device="meta"))
+    for name in ("q_scale_ptr", "k_scale_ptr", "v_scale_ptr", "v_mean_ptr"):
+        signature[name] = mangle_type(torch.empty(1, dtype=torch.float32, device="meta"))
+    for name in ("L", "H", "LP"):
+        signature[name] = "i32"
+    constexprs = _fp8_constexprs(config, head_dim)
+    for name in constexprs:
+        signature[name] = "constexpr"
+    source = GluonASTSource(_attn_fwd_fp8_hopper, signature, constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps})
+
+
+# ------------------------------------------------------------------------------------------------
+# The 8-bit kernel's arithmetic in plain torch (CPU tests; on the GPU, a reference that separates
+# kernel bugs from quantization error)
+
+
+def quantize_qkv_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int,
+                           qk_int8: bool = True) -> dict:
+    """torch twin of ``attention_triton.quantize_qkv(..., pv_fp8=True)``: the same buffers (Q8 / K8
+    [B*H*LP, D], VT8 [B*H*D, LP], zero-padded to LP = a multiple of 256 tokens) and scales,
+    computed the same way up to float rounding (the Triton pre-pass needs a GPU)."""
+    B, H, L, D = q.shape
+    LP = -(-L // 256) * 256
+    qmax = 127.0 if qk_int8 else 448.0
+    qk_dtype = torch.int8 if qk_int8 else torch.float8_e4m3fn
+
+    def pad(x):  # [B, H, L, D] float32 -> [B*H, LP, D], zeros past L
+        return torch.nn.functional.pad(x, (0, 0, 0, LP - L)).reshape(B * H, LP, D)
+
+    def to_8bit(x):
+        if qk_int8:  # round half away from zero, as _quant_rows
+            return torch.where(x >= 0, x + 0.5, x - 0.5).trunc().to(torch.int8)
+        return x.to(qk_dtype)
+
+    qf = pad(q.float())
+    kf = pad(k.float() - k.float().mean(dim=2, keepdim=True))
+    sq = qf.abs().amax(-1).clamp_min(1e-20) / qmax  # [B*H, LP] per token
+    sk = kf.reshape(B * H, LP // block_n, block_n * D).abs().amax(-1).clamp_min(1e-20) / qmax  # per block
+    q8 = to_8bit(qf / sq[..., None])
+    k8 = to_8bit(kf / sk.repeat_interleave(block_n, 1)[..., None])
+    v_mean = v.float().mean(dim=2)  # [B, H, D]
+    v_min, v_max = torch.aminmax(v, dim=2)
+    v_scale = torch.maximum(v_max.float() - v_mean, v_mean - v_min.float()).clamp_min(1e-20) / 448.0
+    vt = pad((v.float() - v_mean[:, :, None]) / v_scale[:, :, None])
+    vt8 = vt.transpose(1, 2).contiguous().to(torch.float8_e4m3fn)  # [B*H, D, LP]
+    return dict(q8=q8.reshape(B * H * LP, D), k8=k8.reshape(B * H * LP, D),
+                q_scale=(sq * (LOG2E / math.sqrt(D))).reshape(-1), k_scale=sk.reshape(-1), LP=LP,
+                vt8=vt8.reshape(B * H * D, LP), v_mean=v_mean.contiguous(), v_scale=v_scale.contiguous())
+
+
+def emulate_fp8_kernel(qd: dict, shape: tuple, block_n: int, qk_int8: bool = True,
+                       dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """What ``_attn_fwd_fp8_hopper`` computes from quantized buffers ``qd`` (``quantize_qkv`` or
+    ``quantize_qkv_reference``), K tile by K tile, in float32 with the kernel's formulas: the
+    int32 scores through the magic-number float (``I32_F32_MAGIC``) and the per-row offset, the
+    2^8-shifted P rounded to e4m3 for P V but summed unrounded into l, the epilogue
+    O / l * sv + mean_v. Differences to the GPU: the tensor cores' fp8 accumulation (P V, and
+    Q K^T on the e4m3 path) and the order of float32 sums. Returns [B, H, L, D] in ``dtype``."""
+    B, H, L, D = shape
+    LP = qd["LP"]
+    dev = qd["q8"].device
+    q8 = qd["q8"].view(B * H, LP, D)[:, :L].float()  # 8-bit values are exact in float32
+    k8 = qd["k8"].view(B * H, LP, D).float()
+    vt8 = qd["vt8"].view(B * H, D, LP).float()
+    q_scale = qd["q_scale"].view(B * H, LP)[:, :L]
+    k_scale = qd["k_scale"].view(B * H, LP // block_n)
+    magic = 12582912.0  # 1.5 * 2^23, the float whose bits are I32_F32_MAGIC
+    m = torch.full((B * H, L), -float("inf"), device=dev)
+    l = torch.zeros(B * H, L, device=dev)
+    o = torch.zeros(B * H, L, D, device=dev)
+    for n0 in range(0, L, block_n):
+        s = q8 @ k8[:, n0:n0 + block_n].transpose(1, 2)  # integers < 2^22: exact in float32 (int8 path)
+        row_scale = q_scale * k_scale[:, n0 // block_n, None]  # [B*H, L]
+        if qk_int8:  # the kernel's bit trick, emulated on the integer
+            x = (s.to(torch.int32) + I32_F32_MAGIC).view(torch.float32)
+        else:
+            x = s
+        x = x.masked_fill((torch.arange(n0, n0 + block_n, device=dev) >= L)[None, None, :], -float("inf"))
+        bias = magic if qk_int8 else 0.0
+        m_new = torch.maximum(m, (x.amax(-1) - bias) * row_scale)
+        off = row_scale * bias + (m_new - P_SHIFT)
+        p = torch.exp2(x * row_scale[..., None] - off[..., None])
+        alpha = torch.exp2(m - m_new)
+        l = l * alpha + p.sum(-1)
+        p8 = p.to(torch.float8_e4m3fn).float()
+        o = o * alpha[..., None] + p8 @ vt8[:, :, n0:n0 + block_n].transpose(1, 2)
+        m = m_new
+    out = o / l[..., None] * qd["v_scale"].view(B * H, 1, D) + qd["v_mean"].view(B * H, 1, D)
+    return out.view(B, H, L, D).to(dtype)

@@ -232,6 +232,34 @@ def run_fp8_variant(index: int) -> dict:
     return record
 
 
+def sweep(configs, indices: list[int], budget_s: float, fp8: bool) -> list[dict]:
+    """Each variant of ``configs`` (by index) in its own subprocess, within ``budget_s`` overall.
+    After a ping-pong variant hangs, the later ping-pong ones are skipped: they share its turn
+    protocol (every 8-bit variant is ping-pong)."""
+    began = time.time()
+    records = []
+    pingpong_hung = False
+    for index in indices:
+        config = configs[index]
+        pingpong = getattr(config, "pingpong", True)
+        left = budget_s - (time.time() - began)
+        if left < 30:
+            records.append({"variant": config.name, "error": "skipped: out of time budget"})
+            continue
+        if pingpong_hung and pingpong:
+            records.append({"variant": config.name,
+                            "error": "skipped: an earlier ping-pong variant hung (same turn protocol)"})
+            continue
+        print(f"{'fp8 ' if fp8 else ''}variant {index}: {config.name} ...", flush=True)
+        record = run_isolated(index, min(VARIANT_TIMEOUT_S, left), fp8=fp8)
+        record.setdefault("variant", config.name)
+        if pingpong and "timed out" in record.get("error", ""):
+            pingpong_hung = True
+        records.append(record)
+        print(json.dumps(record), flush=True)
+    return records
+
+
 def print_fp8_table(records: list[dict]) -> None:
     print(f"\n{'variant':<30} {'ok':<4} {'dit err':>8} {'gauss err':>9} {'vs emu':>8} {'tl err':>8} "
           + " ".join(f"{'L' + str(L) + ' TF/s (x SDPA, x tl-fp8)':>34}" for L in SPEED_LENGTHS))
@@ -268,23 +296,7 @@ def main_fp8(indices: list[int] | None) -> None:
           f"GLUON_AVAILABLE={ag.GLUON_AVAILABLE}, 8-bit variants", flush=True)
     indices = indices if indices else list(range(len(ag.FP8_VARIANTS)))
     began = time.time()
-    records = []
-    hung = False
-    for index in indices:
-        name = ag.FP8_VARIANTS[index].name
-        left = FP8_TOTAL_BUDGET_S - (time.time() - began)
-        if left < 30:
-            records.append({"variant": name, "error": "skipped: out of time budget"})
-            continue
-        if hung:  # every 8-bit variant uses the same ping-pong turn protocol
-            records.append({"variant": name, "error": "skipped: an earlier 8-bit variant hung"})
-            continue
-        print(f"fp8 variant {index}: {name} ...", flush=True)
-        record = run_isolated(index, min(VARIANT_TIMEOUT_S, left), fp8=True)
-        record.setdefault("variant", name)
-        hung = "timed out" in record.get("error", "")
-        records.append(record)
-        print(json.dumps(record), flush=True)
+    records = sweep(ag.FP8_VARIANTS, indices, FP8_TOTAL_BUDGET_S, fp8=True)
     print_fp8_table(records)
     save("attention_gluon_fp8", {"triton": triton.__version__, "heads": HEADS, "head_dim": HEAD_DIM,
                                  "tolerance": FP8_TOLERANCE, "results": records,
@@ -342,24 +354,7 @@ def main() -> None:
     else:
         indices = [i for i, cfg in enumerate(ag.VARIANTS) if args.all or cfg.name not in NOT_BY_DEFAULT]
     began = time.time()
-    records = []
-    pingpong_hung = False
-    for index in indices:
-        left = TOTAL_BUDGET_S - (time.time() - began)
-        if left < 30:
-            records.append({"variant": ag.VARIANTS[index].name, "error": "skipped: out of time budget"})
-            continue
-        if pingpong_hung and ag.VARIANTS[index].pingpong:
-            records.append({"variant": ag.VARIANTS[index].name,
-                            "error": "skipped: an earlier ping-pong variant hung (same turn protocol)"})
-            continue
-        print(f"variant {index}: {ag.VARIANTS[index].name} ...", flush=True)
-        record = run_isolated(index, min(VARIANT_TIMEOUT_S, left))
-        record.setdefault("variant", ag.VARIANTS[index].name)
-        if ag.VARIANTS[index].pingpong and "timed out" in record.get("error", ""):
-            pingpong_hung = True
-        records.append(record)
-        print(json.dumps(record), flush=True)
+    records = sweep(ag.VARIANTS, indices, TOTAL_BUDGET_S, fp8=False)
     print_table(records)
     save("attention_gluon", {"triton": triton.__version__, "heads": HEADS, "head_dim": HEAD_DIM,
                              "tolerance": TOLERANCE, "results": records,

@@ -134,7 +134,11 @@ def test_variants_compile_for_hopper(tmp_path, monkeypatch):
                 for arm in arms:
                     head = arm.split("W")[0]
                     assert head.count("e") >= cfg.block_n // 4, f"{cfg.name}: P V wait hoisted above the softmax"
-        if cfg.pingpong:
+        if cfg.pingpong and cfg.named_turns:
+            # Each consumer syncs on its own named barrier and arrives on the other's (256 threads).
+            for sync, arrive in (("bar.sync 10, 256", "bar.arrive 11, 256"), ("bar.sync 11, 256", "bar.arrive 10, 256")):
+                assert sync in ptx and arrive in ptx, f"{cfg.name}: named-barrier hand-over missing"
+        elif cfg.pingpong:
             assert ptx.count("mbarrier.arrive.shared::cta.b64") >= 4 * 2, f"{cfg.name}: no turn arrives"
     assert time.time() - start < 60
 

@@ -158,12 +158,17 @@ class Config:
     # issuing their GEMMs (mbarrier "turn" handshake).
     fa3_loop: bool = False
     pingpong: bool = False
+    # Ping-pong hand-over through two hardware named barriers (FA3's warp scheduler barrier): the
+    # consumer waiting for its turn does ``bar.sync``, the one passing it ``bar.arrive``, which does
+    # not block. The mbarrier hand-over costs a partition-wide barrier before every arrive and wait
+    # (Triton inserts them): Nsight Compute shows warps stalled at such barriers 30 % of the time.
+    named_turns: bool = False
 
     @property
     def name(self) -> str:
         kind = ("ws-split" if self.split_consumers else "ws") if self.warp_specialize else "inline"
         if self.pingpong:
-            kind += "-pp"
+            kind += "-ppn" if self.named_turns else "-pp"
         elif self.fa3_loop:
             kind += "-fa3"
         return f"{kind}-m{self.block_m}-n{self.block_n}-s{self.stages}-w{self.num_warps}"
@@ -175,6 +180,8 @@ VARIANTS: tuple[Config, ...] = (
     Config(split_consumers=True, num_warps=4, block_n=128, stages=2, fa3_loop=True, pingpong=True),
     # The same with a third K/V stage (224 KB shared, just under the 227 KB limit).
     Config(split_consumers=True, num_warps=4, block_n=128, stages=3, fa3_loop=True, pingpong=True),
+    # DEFAULT_CONFIG with the hand-over through named barriers (bar.sync / bar.arrive), as FA3.
+    Config(split_consumers=True, num_warps=4, block_n=128, stages=3, fa3_loop=True, pingpong=True, named_turns=True),
     # Ping-pong with the best measured tile of the old loop (64 keys, 4 stages).
     Config(split_consumers=True, num_warps=4, block_n=64, stages=4, fa3_loop=True, pingpong=True),
     # FA3 loop without ping-pong: separates the two changes (compare with the first and with
@@ -386,28 +393,63 @@ if GLUON_AVAILABLE:
         _store_output(o, l_i, out_ptr, b, h, m0, L, H, HEAD_DIM, BLOCK_M, NUM_WARPS, o_layout)
 
     @gluon.jit
-    def _take_turn(turn, t, ME: gl.constexpr, PINGPONG: gl.constexpr):
+    def _named_barrier(ASM: gl.constexpr, NUM_WARPS: gl.constexpr):
+        """Run ``ASM`` (a ``bar.sync`` / ``bar.arrive``) once in every thread of this 4-warp partition:
+        an elementwise inline asm over a tensor that gives each thread exactly one element. Side
+        effects on: LLVM keeps it in place relative to the wgmma issues and mbarrier operations."""
+        layout: gl.constexpr = gl.BlockedLayout([1], [32], [NUM_WARPS], [0])
+        x = gl.full([NUM_WARPS * 32], 0, gl.int32, layout)
+        gl.inline_asm_elementwise(ASM, "=r,r", [x], dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _take_named_turn(ME: gl.constexpr, NUM_WARPS: gl.constexpr):
+        """Named-barrier ping-pong (``named_turns``): barrier 10 + ME completes when this consumer's
+        128 threads sync on it and the other consumer's 128 threads have arrived (256 in all).
+        Barriers 0-3 are Triton's own (partition and CTA barriers)."""
+        if ME == 0:
+            _named_barrier("bar.sync 10, 256;\n\tmov.b32 $0, $1;", NUM_WARPS)
+        else:
+            _named_barrier("bar.sync 11, 256;\n\tmov.b32 $0, $1;", NUM_WARPS)
+
+    @gluon.jit
+    def _pass_named_turn(ME: gl.constexpr, NUM_WARPS: gl.constexpr):
+        if ME == 0:
+            _named_barrier("bar.arrive 11, 256;\n\tmov.b32 $0, $1;", NUM_WARPS)
+        else:
+            _named_barrier("bar.arrive 10, 256;\n\tmov.b32 $0, $1;", NUM_WARPS)
+
+    @gluon.jit
+    def _take_turn(turn, t, ME: gl.constexpr, PINGPONG: gl.constexpr, NAMED: gl.constexpr = False,
+                   NUM_WARPS: gl.constexpr = 4):
         """Ping-pong: consumer ``ME`` waits until it may issue its ``t``-th group of wgmmas. Turns
         alternate 0, 1, 0, 1, ...: consumer 0's turn t needs consumer 1's pass after its turn t-1
         (t = 0 passes at once: the parity before a fresh barrier's first phase), consumer 1's turn t
         needs consumer 0's pass after its turn t. Strict alternation means a barrier never runs two
         phases ahead of its waiter."""
         if PINGPONG:
-            mbarrier.wait(turn.index(ME), (t + 1 + ME) & 1)
+            if NAMED:
+                _take_named_turn(ME, NUM_WARPS)
+            else:
+                mbarrier.wait(turn.index(ME), (t + 1 + ME) & 1)
 
     @gluon.jit
-    def _pass_turn(turn, ME: gl.constexpr, PINGPONG: gl.constexpr):
+    def _pass_turn(turn, ME: gl.constexpr, PINGPONG: gl.constexpr, NAMED: gl.constexpr = False,
+                   NUM_WARPS: gl.constexpr = 4):
         """Ping-pong: this consumer's wgmmas are issued, the other one may issue. One arrive per
         partition (Triton lowers it to a partition barrier + one thread's ``mbarrier.arrive``),
         hence ``count=1`` at init."""
         if PINGPONG:
-            mbarrier.arrive(turn.index(1 - ME), count=1)
+            if NAMED:
+                _pass_named_turn(ME, NUM_WARPS)
+            else:
+                mbarrier.arrive(turn.index(1 - ME), count=1)
 
     @gluon.jit
     def _consumer_fa3(q_desc, k_desc, v_desc, out_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
                       turn, b, h, m0, L, H, qk_scale,
                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                      NUM_WARPS: gl.constexpr, ME: gl.constexpr, PINGPONG: gl.constexpr):
+                      NUM_WARPS: gl.constexpr, ME: gl.constexpr, PINGPONG: gl.constexpr,
+                      NAMED_TURNS: gl.constexpr):
         """One 64-row consumer warpgroup with FA3's loop order (``fa3_loop``):
 
             wait K_j, V_{j-1}; [take turn]; issue S_j = Q K_j^T; O *= alpha_{j-1};
@@ -438,12 +480,15 @@ if GLUON_AVAILABLE:
         m_i = gl.full([BLOCK_M], -float("inf"), gl.float32, row_layout)
         l_i = gl.zeros([BLOCK_M], gl.float32, row_layout)
 
+        if PINGPONG and NAMED_TURNS and ME == 1:
+            _pass_named_turn(1, NUM_WARPS)  # consumer 0's turn 0 (a named barrier has no free first phase)
+
         # Turn 0: S_0 alone.
         mbarrier.wait(q_ready, 0)
         mbarrier.wait(k_ready.index(0), 0)
-        _take_turn(turn, 0, ME, PINGPONG)
+        _take_turn(turn, 0, ME, PINGPONG, NAMED_TURNS, NUM_WARPS)
         s_token = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        _pass_turn(turn, ME, PINGPONG)
+        _pass_turn(turn, ME, PINGPONG, NAMED_TURNS, NUM_WARPS)
         s = warpgroup_mma_wait(num_outstanding=0, deps=[s_token])
         p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, qk_scale, 0, L, BLOCK_N, s_layout)
 
@@ -453,14 +498,14 @@ if GLUON_AVAILABLE:
             # Data first, then the turn: never hold the turn while a TMA copy is still landing.
             mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
             mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
-            _take_turn(turn, j, ME, PINGPONG)
+            _take_turn(turn, j, ME, PINGPONG, NAMED_TURNS, NUM_WARPS)
             s_token = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False,
                                     is_async=True)
             # O (all of P_{<j-1} V, waited for) to the running max of block j-1, while S_j runs.
             o = o * gl.expand_dims(gl.convert_layout(alpha, o_row_layout), 1)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
             o_token = warpgroup_mma(p_op, v_smem.index(prev), o, is_async=True)
-            _pass_turn(turn, ME, PINGPONG)
+            _pass_turn(turn, ME, PINGPONG, NAMED_TURNS, NUM_WARPS)
             s = warpgroup_mma_wait(num_outstanding=1, deps=[s_token])
             p, m_i, l_i, alpha = _online_softmax_fenced(s, m_i, l_i, qk_scale, j * BLOCK_N, L, BLOCK_N, s_layout)
             # After the branch join: ptxas keeps this wait after the softmax (see the docstring).
@@ -470,11 +515,12 @@ if GLUON_AVAILABLE:
         # Turn n_blocks: the last P V.
         last = n_blocks - 1
         mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
-        _take_turn(turn, n_blocks, ME, PINGPONG)
+        _take_turn(turn, n_blocks, ME, PINGPONG, NAMED_TURNS, NUM_WARPS)
         o = o * gl.expand_dims(gl.convert_layout(alpha, o_row_layout), 1)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         o_token = warpgroup_mma(p_op, v_smem.index(last % STAGES), o, is_async=True)
-        _pass_turn(turn, ME, PINGPONG)
+        if not (NAMED_TURNS and ME == 1):  # consumer 1's last pass has no taker: named barriers must balance
+            _pass_turn(turn, ME, PINGPONG, NAMED_TURNS, NUM_WARPS)
         o, p_op = warpgroup_mma_wait(num_outstanding=0, deps=[o_token, p_op])
         _store_output_direct(o, l_i, out_ptr, b, h, m0, L, H, HEAD_DIM, BLOCK_M, o_layout)
 
@@ -504,7 +550,7 @@ if GLUON_AVAILABLE:
                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                          NUM_WARPS: gl.constexpr, WARP_SPECIALIZE: gl.constexpr, SPLIT_CONSUMERS: gl.constexpr,
                          PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, FA3_LOOP: gl.constexpr,
-                         PINGPONG: gl.constexpr):
+                         PINGPONG: gl.constexpr, NAMED_TURNS: gl.constexpr):
         """Program (query tile, batch * head). Token n of (b, h) is row b*row_b + h*row_h + n, column
         h*col_h of each tensor's 2-D view (see ``talkgen.kernels.layout.view_2d``).
 
@@ -549,10 +595,10 @@ if GLUON_AVAILABLE:
                 [
                     (_consumer_fa3, (q_desc, k_desc, v_desc, out_ptr, q_smem.index(0), k_smem, v_smem, q_ready,
                                      k_ready, v_ready, kv_empty, turn, b, h, m0, L, H, qk_scale, ROWS, BLOCK_N,
-                                     HEAD_DIM, STAGES, NUM_WARPS, 0, PINGPONG)),
+                                     HEAD_DIM, STAGES, NUM_WARPS, 0, PINGPONG, NAMED_TURNS)),
                     (_consumer_fa3, (q_desc, k_desc, v_desc, out_ptr, q_smem.index(1), k_smem, v_smem, q_ready,
                                      k_ready, v_ready, kv_empty, turn, b, h, m0 + ROWS, L, H, qk_scale, ROWS, BLOCK_N,
-                                     HEAD_DIM, STAGES, NUM_WARPS, 1, PINGPONG)),
+                                     HEAD_DIM, STAGES, NUM_WARPS, 1, PINGPONG, NAMED_TURNS)),
                     (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
                                  q_row, q_col, k_row, k_col, v_row, v_col, m0, L, BLOCK_N, STAGES, Q_TILES)),
                 ],
@@ -853,7 +899,8 @@ def _constexprs(config: Config, head_dim: int) -> dict:
     return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, HEAD_DIM=head_dim, STAGES=config.stages,
                 NUM_WARPS=config.num_warps, WARP_SPECIALIZE=config.warp_specialize,
                 SPLIT_CONSUMERS=config.split_consumers, PRODUCER_REGS=config.producer_regs,
-                CONSUMER_REGS=config.consumer_regs, FA3_LOOP=config.fa3_loop, PINGPONG=config.pingpong)
+                CONSUMER_REGS=config.consumer_regs, FA3_LOOP=config.fa3_loop, PINGPONG=config.pingpong,
+                NAMED_TURNS=config.named_turns)
 
 
 def _q_block_rows(config: Config) -> int:
@@ -870,6 +917,8 @@ def _validate(config: Config) -> None:
         raise ValueError(f"{config}: fa3_loop / pingpong need split_consumers")
     if config.pingpong and not config.fa3_loop:
         raise ValueError(f"{config}: pingpong needs fa3_loop")
+    if config.named_turns and not (config.pingpong and config.num_warps == 4):
+        raise ValueError(f"{config}: named_turns needs pingpong with two 4-warp consumers (256 threads)")
 
 
 def attention_bf16_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

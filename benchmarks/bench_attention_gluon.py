@@ -44,7 +44,8 @@ Needs an H100 (sm_90), Triton 3.6 with Gluon; the default run list (5 variants) 
 
 Measured on 2026-12-06 (H100 80GB HBM3, Triton 3.6.0, torch 2.11): the table in
 ``talkgen/kernels/attention_gluon.py``'s docstring and docs/performance.md; the best,
-ws-split-pp-m128-n128-s3-w4, 616 / 595 TFLOP/s at L 32,928 / 75,600 = 1.05x SDPA.
+ws-split-ppn-m128-n128-s3-w4 (named-barrier hand-over), 620 / 609 TFLOP/s at L 32,928 / 75,600 =
+1.09x SDPA in its process (``pp``, the mbarrier hand-over, 609 / 595 in the same run).
 
 Compile-only numbers from the CPU machine (Triton 3.6.0 and 3.9.0, ptxas for sm_90a, bf16, D=128;
 no spills in any variant; launch allocation 168 registers, the consumer partitions raise theirs

@@ -27,7 +27,7 @@ def test_module_imports_and_reports_gluon():
     assert isinstance(module.GLUON_AVAILABLE, bool)
     assert module.VARIANTS and module.DEFAULT_CONFIG in module.VARIANTS
     # the model's default is the variant measured fastest on the H100 (docs/performance.md)
-    assert module.DEFAULT_CONFIG.name == "ws-split-pp-m128-n128-s3-w4"
+    assert module.DEFAULT_CONFIG.name == "ws-split-ppn-m128-n128-s3-w4"
     assert len({cfg.name for cfg in module.VARIANTS}) == len(module.VARIANTS)
 
 

@@ -66,7 +66,8 @@ process at 566-593 TFLOP/s). Every variant is correct (relative error 2.2-2.3e-3
 as SDPA's). TFLOP/s (x SDPA), two runs on two machines:
 
     variant                         L = 32,928     L = 75,600
-    ws-split-pp-m128-n128-s3-w4     616 (1.047)    595 (1.050)   <- DEFAULT_CONFIG
+    ws-split-ppn-m128-n128-s3-w4    620 (1.088)    609 (1.085)   <- DEFAULT_CONFIG (later run)
+    ws-split-pp-m128-n128-s3-w4     616 (1.047)    595 (1.050)   (609 / 595 in that later run)
     ws-split-pp-m128-n64-s4-w4      540 (0.917)    522 (0.914)
     ws-split-pp-m128-n128-s2-w4     437 (0.739)    439 (0.769)
     ws-split-fa3-m128-n128-s2-w4    412 (0.699)    415 (0.730)
@@ -75,7 +76,11 @@ as SDPA's). TFLOP/s (x SDPA), two runs on two machines:
     ws-m128-n128-s2-w8              513 (0.865)    499 (0.871)
     inline-m128-n128-s2-w8          406 (0.688)    408 (0.704)
 
-Ping-pong pays only with a third K/V stage: with two, a consumer waiting for its turn also holds
+The ``ppn`` variant (``named_turns``, added after an Nsight Compute profile of ``pp`` showed warps
+stalled at partition barriers 30 % of the time) hands the turn over with hardware named barriers as
+FA3 does (``bar.sync`` to take it, non-blocking ``bar.arrive`` to pass it) instead of mbarriers,
+before each of whose arrives Triton puts a partition-wide barrier: 1.8-2.3 % faster, the same
+output. Ping-pong pays only with a third K/V stage: with two, a consumer waiting for its turn also holds
 the slot the producer needs next. The fenced FA3 loop alone (no ping-pong) is slower than the
 original loop: keeping the softmax between the two waits lengthens each consumer's critical path
 when nothing else fills the tensor cores. FlashAttention-3 reaches ~740 TFLOP/s at this shape; the
@@ -198,9 +203,10 @@ VARIANTS: tuple[Config, ...] = (
 )
 
 # What the model uses (talkgen.models.attention): the fastest variant measured on a GPU,
-# ping-pong consumers with a 3-stage ring of 128-key tiles: 616 TFLOP/s, 1.05x SDPA on an H100
-# (2026-12-06, benchmarks/bench_attention_gluon.py).
-DEFAULT_CONFIG = next(cfg for cfg in VARIANTS if cfg.name == "ws-split-pp-m128-n128-s3-w4")
+# ping-pong consumers handing over through named barriers, a 3-stage ring of 128-key tiles: 620
+# TFLOP/s at 32,928 tokens against 609 for the mbarrier hand-over in the same run, 1.05-1.09x SDPA
+# on an H100 (2026-12-06, benchmarks/bench_attention_gluon.py).
+DEFAULT_CONFIG = next(cfg for cfg in VARIANTS if cfg.name == "ws-split-ppn-m128-n128-s3-w4")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ default scale ``1/sqrt(head_dim)``, which is what torch SDPA computes too.
 Self-attention-sized problems (q, k, v of one shape, at least ``MIN_TOKENS`` tokens, head_dim 64 or
 128, bf16/fp16, on a GPU) can run on talkgen's own Triton kernels (:mod:`talkgen.kernels.attention_triton`).
 ``TALKGEN_ATTENTION`` picks: ``auto`` (default: the Gluon kernel on Hopper GPUs when Triton has
-Gluon's Hopper module, measured 1.05x SDPA on an H100; SDPA elsewhere, and SDPA for the rest of the
+Gluon's Hopper module, measured 1.05-1.09x SDPA on an H100; SDPA elsewhere, and SDPA for the rest of the
 process if the Gluon kernel ever fails to compile or launch: Gluon is experimental),
 ``sdpa``, ``triton`` (the bf16 kernel), ``gluon`` (the bf16 kernel in Gluon, Hopper only:
 :mod:`talkgen.kernels.attention_gluon`), ``triton-fp8`` (int8 QK, bf16 PV: 1.11-1.16x SDPA on an

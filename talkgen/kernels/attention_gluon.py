@@ -80,7 +80,10 @@ The ``ppn`` variant (``named_turns``, added after an Nsight Compute profile of `
 stalled at partition barriers 30 % of the time) hands the turn over with hardware named barriers as
 FA3 does (``bar.sync`` to take it, non-blocking ``bar.arrive`` to pass it) instead of mbarriers,
 before each of whose arrives Triton puts a partition-wide barrier: 1.8-2.3 % faster, the same
-output. Ping-pong pays only with a third K/V stage: with two, a consumer waiting for its turn also holds
+output. ``ppnr`` (``named_release``) also releases the K/V slots through named barriers (the
+producer warp syncs on them): the SASS of its consumer loop has one partition barrier per K/V tile
+(``ppn`` two, ``pp`` three). COMPILE-CHECKED ONLY: the session's GPU time ran out before it ran, so
+its correctness and speed are unknown and it is not the default. Ping-pong pays only with a third K/V stage: with two, a consumer waiting for its turn also holds
 the slot the producer needs next. The fenced FA3 loop alone (no ping-pong) is slower than the
 original loop: keeping the softmax between the two waits lengthens each consumer's critical path
 when nothing else fills the tensor cores. FlashAttention-3 reaches ~740 TFLOP/s at this shape; the
@@ -168,12 +171,17 @@ class Config:
     # not block. The mbarrier hand-over costs a partition-wide barrier before every arrive and wait
     # (Triton inserts them): Nsight Compute shows warps stalled at such barriers 30 % of the time.
     named_turns: bool = False
+    # With named_turns: the consumers release K/V slots with ``bar.arrive`` on two named barriers
+    # (tile parity) that the producer warp ``bar.sync``s on before refilling, instead of the
+    # kv_empty mbarriers. The consumer loop then has no mbarrier arrive left, so Triton's partition
+    # barriers around it (one before the arrive, one before the next tile's waits) go too.
+    named_release: bool = False
 
     @property
     def name(self) -> str:
         kind = ("ws-split" if self.split_consumers else "ws") if self.warp_specialize else "inline"
         if self.pingpong:
-            kind += "-ppn" if self.named_turns else "-pp"
+            kind += ("-ppnr" if self.named_release else "-ppn") if self.named_turns else "-pp"
         elif self.fa3_loop:
             kind += "-fa3"
         return f"{kind}-m{self.block_m}-n{self.block_n}-s{self.stages}-w{self.num_warps}"
@@ -187,6 +195,9 @@ VARIANTS: tuple[Config, ...] = (
     Config(split_consumers=True, num_warps=4, block_n=128, stages=3, fa3_loop=True, pingpong=True),
     # DEFAULT_CONFIG with the hand-over through named barriers (bar.sync / bar.arrive), as FA3.
     Config(split_consumers=True, num_warps=4, block_n=128, stages=3, fa3_loop=True, pingpong=True, named_turns=True),
+    # ... and the K/V slots released through named barriers too: no mbarrier arrive in the consumer loop.
+    Config(split_consumers=True, num_warps=4, block_n=128, stages=3, fa3_loop=True, pingpong=True, named_turns=True,
+           named_release=True),
     # Ping-pong with the best measured tile of the old loop (64 keys, 4 stages).
     Config(split_consumers=True, num_warps=4, block_n=64, stages=4, fa3_loop=True, pingpong=True),
     # FA3 loop without ping-pong: separates the two changes (compare with the first and with
@@ -425,6 +436,27 @@ if GLUON_AVAILABLE:
             _named_barrier("bar.arrive 10, 256;\n\tmov.b32 $0, $1;", NUM_WARPS)
 
     @gluon.jit
+    def _release_named(tile, NUM_WARPS: gl.constexpr):
+        """``named_release``, consumer side: this partition (128 threads) is done with K/V ``tile``.
+        Barriers 12 / 13 by the tile's parity complete at 288 arrivals: both consumers' 256 threads
+        and the producer warp's 32, which syncs on them in tile order before refilling the slot.
+        Two barriers, because a consumer can be one tile ahead of the other (never two: the turns
+        alternate), so a single barrier could count one consumer's two releases as one generation.
+        The producer cannot fall behind either: the tile after next needs its refill first."""
+        if (tile & 1) == 0:
+            _named_barrier("bar.arrive 12, 288;\n\tmov.b32 $0, $1;", NUM_WARPS)
+        else:
+            _named_barrier("bar.arrive 13, 288;\n\tmov.b32 $0, $1;", NUM_WARPS)
+
+    @gluon.jit
+    def _wait_named_release(tile):
+        """``named_release``, producer side (one warp): both consumers released ``tile``."""
+        if (tile & 1) == 0:
+            _named_barrier("bar.sync 12, 288;\n\tmov.b32 $0, $1;", 1)
+        else:
+            _named_barrier("bar.sync 13, 288;\n\tmov.b32 $0, $1;", 1)
+
+    @gluon.jit
     def _take_turn(turn, t, ME: gl.constexpr, PINGPONG: gl.constexpr, NAMED: gl.constexpr = False,
                    NUM_WARPS: gl.constexpr = 4):
         """Ping-pong: consumer ``ME`` waits until it may issue its ``t``-th group of wgmmas. Turns
@@ -455,7 +487,7 @@ if GLUON_AVAILABLE:
                       turn, b, h, m0, L, H, qk_scale,
                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                       NUM_WARPS: gl.constexpr, ME: gl.constexpr, PINGPONG: gl.constexpr,
-                      NAMED_TURNS: gl.constexpr):
+                      NAMED_TURNS: gl.constexpr, NAMED_RELEASE: gl.constexpr):
         """One 64-row consumer warpgroup with FA3's loop order (``fa3_loop``):
 
             wait K_j, V_{j-1}; [take turn]; issue S_j = Q K_j^T; O *= alpha_{j-1};
@@ -516,7 +548,11 @@ if GLUON_AVAILABLE:
             p, m_i, l_i, alpha = _online_softmax_fenced(s, m_i, l_i, qk_scale, j * BLOCK_N, L, BLOCK_N, s_layout)
             # After the branch join: ptxas keeps this wait after the softmax (see the docstring).
             o, p_op = warpgroup_mma_wait(num_outstanding=0, deps=[o_token, p_op])
-            mbarrier.arrive(kv_empty.index(prev), count=1)  # slot j-1 read by this consumer
+            if NAMED_RELEASE:
+                if j - 1 + STAGES < n_blocks:  # the producer waits only for slots it refills
+                    _release_named(j - 1, NUM_WARPS)
+            else:
+                mbarrier.arrive(kv_empty.index(prev), count=1)  # slot j-1 read by this consumer
 
         # Turn n_blocks: the last P V.
         last = n_blocks - 1
@@ -533,7 +569,8 @@ if GLUON_AVAILABLE:
     @gluon.jit
     def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
                   q_row, q_col, k_row, k_col, v_row, v_col, m0, L,
-                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, Q_TILES: gl.constexpr):
+                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, Q_TILES: gl.constexpr,
+                  NAMED_RELEASE: gl.constexpr = False):
         """The 1-warp TMA partition: the Q tile(s) once, then K/V tiles as soon as their ring slot is
         empty (released by every consumer partition)."""
         q_rows: gl.constexpr = q_desc.block_type.shape[0]
@@ -545,7 +582,11 @@ if GLUON_AVAILABLE:
             slot = j % STAGES
             # Round r of a slot waits for the consumers' r-th release; round 0 passes at once
             # (waiting on the parity before a fresh barrier's phase 0 completes immediately).
-            mbarrier.wait(kv_empty.index(slot), ((j // STAGES) & 1) ^ 1)
+            if NAMED_RELEASE:
+                if j >= STAGES:
+                    _wait_named_release(j - STAGES)
+            else:
+                mbarrier.wait(kv_empty.index(slot), ((j // STAGES) & 1) ^ 1)
             _issue_kv_load(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, j, slot, k_row, k_col, v_row, v_col,
                            BLOCK_N, True)
 
@@ -556,7 +597,7 @@ if GLUON_AVAILABLE:
                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                          NUM_WARPS: gl.constexpr, WARP_SPECIALIZE: gl.constexpr, SPLIT_CONSUMERS: gl.constexpr,
                          PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, FA3_LOOP: gl.constexpr,
-                         PINGPONG: gl.constexpr, NAMED_TURNS: gl.constexpr):
+                         PINGPONG: gl.constexpr, NAMED_TURNS: gl.constexpr, NAMED_RELEASE: gl.constexpr):
         """Program (query tile, batch * head). Token n of (b, h) is row b*row_b + h*row_h + n, column
         h*col_h of each tensor's 2-D view (see ``talkgen.kernels.layout.view_2d``).
 
@@ -601,12 +642,12 @@ if GLUON_AVAILABLE:
                 [
                     (_consumer_fa3, (q_desc, k_desc, v_desc, out_ptr, q_smem.index(0), k_smem, v_smem, q_ready,
                                      k_ready, v_ready, kv_empty, turn, b, h, m0, L, H, qk_scale, ROWS, BLOCK_N,
-                                     HEAD_DIM, STAGES, NUM_WARPS, 0, PINGPONG, NAMED_TURNS)),
+                                     HEAD_DIM, STAGES, NUM_WARPS, 0, PINGPONG, NAMED_TURNS, NAMED_RELEASE)),
                     (_consumer_fa3, (q_desc, k_desc, v_desc, out_ptr, q_smem.index(1), k_smem, v_smem, q_ready,
                                      k_ready, v_ready, kv_empty, turn, b, h, m0 + ROWS, L, H, qk_scale, ROWS, BLOCK_N,
-                                     HEAD_DIM, STAGES, NUM_WARPS, 1, PINGPONG, NAMED_TURNS)),
+                                     HEAD_DIM, STAGES, NUM_WARPS, 1, PINGPONG, NAMED_TURNS, NAMED_RELEASE)),
                     (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
-                                 q_row, q_col, k_row, k_col, v_row, v_col, m0, L, BLOCK_N, STAGES, Q_TILES)),
+                                 q_row, q_col, k_row, k_col, v_row, v_col, m0, L, BLOCK_N, STAGES, Q_TILES, NAMED_RELEASE)),
                 ],
                 [NUM_WARPS, 1],
                 [CONSUMER_REGS, PRODUCER_REGS],
@@ -906,7 +947,7 @@ def _constexprs(config: Config, head_dim: int) -> dict:
                 NUM_WARPS=config.num_warps, WARP_SPECIALIZE=config.warp_specialize,
                 SPLIT_CONSUMERS=config.split_consumers, PRODUCER_REGS=config.producer_regs,
                 CONSUMER_REGS=config.consumer_regs, FA3_LOOP=config.fa3_loop, PINGPONG=config.pingpong,
-                NAMED_TURNS=config.named_turns)
+                NAMED_TURNS=config.named_turns, NAMED_RELEASE=config.named_release)
 
 
 def _q_block_rows(config: Config) -> int:
@@ -925,6 +966,8 @@ def _validate(config: Config) -> None:
         raise ValueError(f"{config}: pingpong needs fa3_loop")
     if config.named_turns and not (config.pingpong and config.num_warps == 4):
         raise ValueError(f"{config}: named_turns needs pingpong with two 4-warp consumers (256 threads)")
+    if config.named_release and not config.named_turns:
+        raise ValueError(f"{config}: named_release needs named_turns (its two-barrier rotation relies on the turns)")
 
 
 def attention_bf16_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -16,7 +16,8 @@ A variant that times out is reported as a hang; the later ping-pong variants (sa
 are then skipped so that one protocol bug cannot eat the whole time budget.
 
 With ``--fp8`` the same for the 8-bit variants (``FP8_VARIANTS``, ``attention_fp8_gluon``; first
-run 2026-12-06: all three correct against their emulation, figures in docs/performance.md), each in its own subprocess with a time limit:
+run 2026-12-06: all three correct against their emulation, figures in docs/performance.md), each in
+its own subprocess with a time limit:
 
 1. correctness against float32 math: DiT-like inputs (``bench_attention.make_qkv("dit", ...)``:
    L 1000 / 4097 / 8192 and 4 heads at the full 32,928 tokens with RoPE) must stay within 3e-2

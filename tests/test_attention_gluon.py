@@ -39,6 +39,16 @@ def test_rejects_unsupported_configurations():
         attention_gluon._validate(attention_gluon.Config(split_consumers=False, num_warps=8, fa3_loop=True))
     with pytest.raises(ValueError, match="pingpong needs fa3_loop"):
         attention_gluon._validate(attention_gluon.Config(pingpong=True))
+    pingpong = dict(split_consumers=True, num_warps=4, fa3_loop=True, pingpong=True)
+    with pytest.raises(ValueError, match="named_turns needs pingpong"):
+        attention_gluon._validate(attention_gluon.Config(split_consumers=True, num_warps=4, fa3_loop=True,
+                                                         named_turns=True))
+    with pytest.raises(ValueError, match="named_release needs named_turns"):
+        attention_gluon._validate(attention_gluon.Config(**pingpong, named_release=True))
+    # the two-barrier rotation of the slot release is safe with at most 3 stages (see _release_named)
+    with pytest.raises(ValueError, match="at most 3 stages"):
+        attention_gluon._validate(attention_gluon.Config(**pingpong, stages=4, named_turns=True, named_release=True))
+    attention_gluon._validate(attention_gluon.Config(**pingpong, stages=3, named_turns=True, named_release=True))
 
 
 def test_new_variants_come_first_and_are_named_apart():

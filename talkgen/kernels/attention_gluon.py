@@ -83,7 +83,9 @@ before each of whose arrives Triton puts a partition-wide barrier: 1.8-2.3 % fas
 output. ``ppnr`` (``named_release``) also releases the K/V slots through named barriers (the
 producer warp syncs on them): the SASS of its consumer loop has one partition barrier per K/V tile
 (``ppn`` two, ``pp`` three). COMPILE-CHECKED ONLY: the session's GPU time ran out before it ran, so
-its correctness and speed are unknown and it is not the default. Ping-pong pays only with a third K/V stage: with two, a consumer waiting for its turn also holds
+its correctness and speed are unknown and it is not the default.
+
+Ping-pong pays only with a third K/V stage: with two, a consumer waiting for its turn also holds
 the slot the producer needs next. The fenced FA3 loop alone (no ping-pong) is slower than the
 original loop: keeping the softmax between the two waits lengthens each consumer's critical path
 when nothing else fills the tensor cores. FlashAttention-3 reaches ~740 TFLOP/s at this shape; the
@@ -244,8 +246,9 @@ class Fp8Config:
 
 # The 8-bit variants (measured 2026-12-06 on an H100, int8 / e4m3 / int8 6 stages: 686 / 758 / 700
 # TFLOP/s at 32,928 tokens, errors 2.5e-2 / 6.2e-2 / 2.5e-2 on DiT-like inputs). None is used by the
-# model: the tl ``triton-fp8-fast`` kernel is as accurate and faster (740). 8-bit tiles are half the bytes of bf16 ones, so a 128-key K/V stage is 32 KB
-# (K 128 x 128 + V^T 128 x 128 bytes) and a 4-stage ring + Q (16 KB) takes 144 KB of the 227 KB.
+# model: the tl ``triton-fp8-fast`` kernel is as accurate and faster (740). 8-bit tiles are half
+# the bytes of bf16 ones, so a 128-key K/V stage is 32 KB (K 128 x 128 + V^T 128 x 128 bytes) and a
+# 4-stage ring + Q (16 KB) takes 144 KB of the 227 KB.
 FP8_VARIANTS: tuple[Fp8Config, ...] = (
     # SageAttention-2's choice: int8 Q K^T (exact products; the int32 accumulator cannot round).
     Fp8Config(block_n=128, stages=4, qk_int8=True),
@@ -442,7 +445,9 @@ if GLUON_AVAILABLE:
         and the producer warp's 32, which syncs on them in tile order before refilling the slot.
         Two barriers, because a consumer can be one tile ahead of the other (never two: the turns
         alternate), so a single barrier could count one consumer's two releases as one generation.
-        The producer cannot fall behind either: the tile after next needs its refill first."""
+        Nor can a release of tile t + 2 (same barrier) come before the producer's sync for tile t:
+        it happens in iteration t + 3, whose K/V tile the producer loads only after that sync, as
+        long as the ring has at most 3 stages (``_validate`` insists)."""
         if (tile & 1) == 0:
             _named_barrier("bar.arrive 12, 288;\n\tmov.b32 $0, $1;", NUM_WARPS)
         else:
@@ -968,6 +973,10 @@ def _validate(config: Config) -> None:
         raise ValueError(f"{config}: named_turns needs pingpong with two 4-warp consumers (256 threads)")
     if config.named_release and not config.named_turns:
         raise ValueError(f"{config}: named_release needs named_turns (its two-barrier rotation relies on the turns)")
+    if config.named_release and config.stages > 3:
+        # With a 4th slot, a consumer could release tile t + 2 before the producer syncs for tile t
+        # on the same named barrier (see _release_named).
+        raise ValueError(f"{config}: named_release needs at most 3 stages")
 
 
 def attention_bf16_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -237,11 +237,13 @@ class Fp8Config:
     num_warps: int = 4  # per consumer warpgroup: 64 rows / 16
     producer_regs: int = 24
     consumer_regs: int = 240
+    named_turns: bool = False  # the hand-over through named barriers (``Config.named_turns``)
 
     @property
     def name(self) -> str:
         qk = "i8qk" if self.qk_int8 else "e4qk"
-        return f"fp8-pp-{qk}-m{self.block_m}-n{self.block_n}-s{self.stages}-w{self.num_warps}"
+        pp = "ppn" if self.named_turns else "pp"
+        return f"fp8-{pp}-{qk}-m{self.block_m}-n{self.block_n}-s{self.stages}-w{self.num_warps}"
 
 
 # The 8-bit variants (measured 2026-12-06 on an H100, int8 / e4m3 / int8 6 stages: 686 / 758 / 700
@@ -258,6 +260,8 @@ FP8_VARIANTS: tuple[Fp8Config, ...] = (
     Fp8Config(block_n=128, stages=4, qk_int8=False),
     # int8 with a deeper ring: 6 stages of 32 KB + Q = 208 KB.
     Fp8Config(block_n=128, stages=6, qk_int8=True),
+    # int8, the hand-over through named barriers (+1.8 % on the bf16 kernel); compile-checked only.
+    Fp8Config(block_n=128, stages=4, qk_int8=True, named_turns=True),
 )
 
 # ------------------------------------------------------------------------------------------------
@@ -778,7 +782,8 @@ if GLUON_AVAILABLE:
     def _consumer_fp8(out_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, v_mean_ptr, q_smem, k_smem, v_smem,
                       q_ready, k_ready, v_ready, kv_empty, turn, bh, b, h, m0, L, H, LP,
                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                      NUM_WARPS: gl.constexpr, ME: gl.constexpr, QK_INT8: gl.constexpr, P_SHIFT: gl.constexpr):
+                      NUM_WARPS: gl.constexpr, ME: gl.constexpr, QK_INT8: gl.constexpr, P_SHIFT: gl.constexpr,
+                      NAMED_TURNS: gl.constexpr = False):
         """One 64-row consumer warpgroup of the 8-bit kernel: ``_consumer_fa3``'s loop with ping-pong
         turns, 8-bit operands (wgmma K = 32 per instruction: ``instr_shape`` [16, N, 32], P's
         register operand packs 4 bytes per 32-bit register: ``k_width=4``):
@@ -813,13 +818,16 @@ if GLUON_AVAILABLE:
         q_scale = gl.load(q_scale_ptr + bh * LP + m0 + gl.arange(0, BLOCK_M, layout=row_layout))
         k_scale_head = k_scale_ptr + bh * (LP // BLOCK_N)
 
+        if NAMED_TURNS and ME == 1:
+            _pass_named_turn(1, NUM_WARPS)  # consumer 0's turn 0 (a named barrier has no free first phase)
+
         # Turn 0: S_0 alone.
         sk = gl.load(k_scale_head)
         mbarrier.wait(q_ready, 0)
         mbarrier.wait(k_ready.index(0), 0)
-        _take_turn(turn, 0, ME, True)
+        _take_turn(turn, 0, ME, True, NAMED_TURNS, NUM_WARPS)
         s_token = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        _pass_turn(turn, ME, True)
+        _pass_turn(turn, ME, True, NAMED_TURNS, NUM_WARPS)
         s = warpgroup_mma_wait(num_outstanding=0, deps=[s_token])
         p, m_i, l_i, alpha = _softmax_fp8(s, m_i, l_i, q_scale * sk, 0, L, BLOCK_N, s_layout, QK_INT8, P_SHIFT)
 
@@ -829,14 +837,14 @@ if GLUON_AVAILABLE:
             sk = gl.load(k_scale_head + j)  # issued early: its latency hides behind the waits and S_j
             mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
             mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
-            _take_turn(turn, j, ME, True)
+            _take_turn(turn, j, ME, True, NAMED_TURNS, NUM_WARPS)
             s_token = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False,
                                     is_async=True)
             o = o * gl.expand_dims(gl.convert_layout(alpha, o_row_layout), 1)
             # p <= 2^8 < 448: the rounding conversion (cvt.rn.satfinite) never saturates.
             p_op = gl.convert_layout(p.to(p_dtype), p_layout)
             o_token = warpgroup_mma(p_op, v_smem.index(prev).permute((1, 0)), o, is_async=True)
-            _pass_turn(turn, ME, True)
+            _pass_turn(turn, ME, True, NAMED_TURNS, NUM_WARPS)
             s = warpgroup_mma_wait(num_outstanding=1, deps=[s_token])
             p, m_i, l_i, alpha = _softmax_fp8(s, m_i, l_i, q_scale * sk, j * BLOCK_N, L, BLOCK_N, s_layout,
                                               QK_INT8, P_SHIFT)
@@ -852,11 +860,12 @@ if GLUON_AVAILABLE:
         # Turn n_blocks: the last P V.
         last = n_blocks - 1
         mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
-        _take_turn(turn, n_blocks, ME, True)
+        _take_turn(turn, n_blocks, ME, True, NAMED_TURNS, NUM_WARPS)
         o = o * gl.expand_dims(gl.convert_layout(alpha, o_row_layout), 1)
         p_op = gl.convert_layout(p.to(p_dtype), p_layout)
         o_token = warpgroup_mma(p_op, v_smem.index(last % STAGES).permute((1, 0)), o, is_async=True)
-        _pass_turn(turn, ME, True)
+        if not (NAMED_TURNS and ME == 1):  # consumer 1's last pass has no taker: named barriers must balance
+            _pass_turn(turn, ME, True, NAMED_TURNS, NUM_WARPS)
         o = warpgroup_mma_wait(num_outstanding=0, deps=[o_token])
         _store_output_fp8(o, l_i, v_scale_ptr, v_mean_ptr, out_ptr, bh, b, h, m0, L, H, HEAD_DIM, BLOCK_M,
                           o_layout)
@@ -885,7 +894,8 @@ if GLUON_AVAILABLE:
                              L, H, LP,
                              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                              STAGES: gl.constexpr, NUM_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                             CONSUMER_REGS: gl.constexpr, QK_INT8: gl.constexpr, P_SHIFT: gl.constexpr):
+                             CONSUMER_REGS: gl.constexpr, QK_INT8: gl.constexpr, P_SHIFT: gl.constexpr,
+                             NAMED_TURNS: gl.constexpr):
         """Program (query tile, batch * head) of the 8-bit kernel: ``_attn_fwd_hopper``'s ping-pong
         layout (producer warp, two 64-row consumer warpgroups taking turns) on 8-bit tiles."""
         pid_m = gl.program_id(0)
@@ -915,10 +925,10 @@ if GLUON_AVAILABLE:
             [
                 (_consumer_fp8, (out_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, v_mean_ptr, q_smem.index(0), k_smem,
                                  v_smem, q_ready, k_ready, v_ready, kv_empty, turn, bh, b, h, m0, L, H, LP, ROWS,
-                                 BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS, 0, QK_INT8, P_SHIFT)),
+                                 BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS, 0, QK_INT8, P_SHIFT, NAMED_TURNS)),
                 (_consumer_fp8, (out_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, v_mean_ptr, q_smem.index(1), k_smem,
                                  v_smem, q_ready, k_ready, v_ready, kv_empty, turn, bh, b, h, m0 + ROWS, L, H, LP,
-                                 ROWS, BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS, 1, QK_INT8, P_SHIFT)),
+                                 ROWS, BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS, 1, QK_INT8, P_SHIFT, NAMED_TURNS)),
                 (_producer_fp8, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
                                  bh, m0, L, LP, BLOCK_N, STAGES, HEAD_DIM)),
             ],
@@ -1064,7 +1074,7 @@ def _validate_fp8(config: Fp8Config, head_dim: int = 128) -> None:
 def _fp8_constexprs(config: Fp8Config, head_dim: int) -> dict:
     return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, HEAD_DIM=head_dim, STAGES=config.stages,
                 NUM_WARPS=config.num_warps, PRODUCER_REGS=config.producer_regs, CONSUMER_REGS=config.consumer_regs,
-                QK_INT8=config.qk_int8, P_SHIFT=P_SHIFT)
+                QK_INT8=config.qk_int8, P_SHIFT=P_SHIFT, NAMED_TURNS=config.named_turns)
 
 
 def _fp8_layouts(config: Fp8Config, head_dim: int):

@@ -492,6 +492,21 @@ if GLUON_AVAILABLE:
                 mbarrier.arrive(turn.index(1 - ME), count=1)
 
     @gluon.jit
+    def _open_turns(ME: gl.constexpr, PINGPONG: gl.constexpr, NAMED: gl.constexpr, NUM_WARPS: gl.constexpr):
+        """Before turn 0 with named barriers: consumer 1 arrives once for consumer 0's turn 0 (a
+        named barrier has no free first phase, unlike the mbarrier's parity trick)."""
+        if PINGPONG and NAMED and ME == 1:
+            _pass_named_turn(1, NUM_WARPS)
+
+    @gluon.jit
+    def _pass_last_turn(turn, ME: gl.constexpr, PINGPONG: gl.constexpr, NAMED: gl.constexpr,
+                        NUM_WARPS: gl.constexpr):
+        """The pass after turn n_blocks. Consumer 1's has no taker: with named barriers it is skipped,
+        so that every arrive meets its sync (the opening arrive of ``_open_turns`` takes its place)."""
+        if not (NAMED and ME == 1):
+            _pass_turn(turn, ME, PINGPONG, NAMED, NUM_WARPS)
+
+    @gluon.jit
     def _consumer_fa3(q_desc, k_desc, v_desc, out_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
                       turn, b, h, m0, L, H, qk_scale,
                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
@@ -527,8 +542,7 @@ if GLUON_AVAILABLE:
         m_i = gl.full([BLOCK_M], -float("inf"), gl.float32, row_layout)
         l_i = gl.zeros([BLOCK_M], gl.float32, row_layout)
 
-        if PINGPONG and NAMED_TURNS and ME == 1:
-            _pass_named_turn(1, NUM_WARPS)  # consumer 0's turn 0 (a named barrier has no free first phase)
+        _open_turns(ME, PINGPONG, NAMED_TURNS, NUM_WARPS)
 
         # Turn 0: S_0 alone.
         mbarrier.wait(q_ready, 0)
@@ -570,8 +584,7 @@ if GLUON_AVAILABLE:
         o = o * gl.expand_dims(gl.convert_layout(alpha, o_row_layout), 1)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         o_token = warpgroup_mma(p_op, v_smem.index(last % STAGES), o, is_async=True)
-        if not (NAMED_TURNS and ME == 1):  # consumer 1's last pass has no taker: named barriers must balance
-            _pass_turn(turn, ME, PINGPONG, NAMED_TURNS, NUM_WARPS)
+        _pass_last_turn(turn, ME, PINGPONG, NAMED_TURNS, NUM_WARPS)
         o, p_op = warpgroup_mma_wait(num_outstanding=0, deps=[o_token, p_op])
         _store_output_direct(o, l_i, out_ptr, b, h, m0, L, H, HEAD_DIM, BLOCK_M, o_layout)
 
@@ -818,8 +831,7 @@ if GLUON_AVAILABLE:
         q_scale = gl.load(q_scale_ptr + bh * LP + m0 + gl.arange(0, BLOCK_M, layout=row_layout))
         k_scale_head = k_scale_ptr + bh * (LP // BLOCK_N)
 
-        if NAMED_TURNS and ME == 1:
-            _pass_named_turn(1, NUM_WARPS)  # consumer 0's turn 0 (a named barrier has no free first phase)
+        _open_turns(ME, True, NAMED_TURNS, NUM_WARPS)
 
         # Turn 0: S_0 alone.
         sk = gl.load(k_scale_head)
@@ -864,8 +876,7 @@ if GLUON_AVAILABLE:
         o = o * gl.expand_dims(gl.convert_layout(alpha, o_row_layout), 1)
         p_op = gl.convert_layout(p.to(p_dtype), p_layout)
         o_token = warpgroup_mma(p_op, v_smem.index(last % STAGES).permute((1, 0)), o, is_async=True)
-        if not (NAMED_TURNS and ME == 1):  # consumer 1's last pass has no taker: named barriers must balance
-            _pass_turn(turn, ME, True, NAMED_TURNS, NUM_WARPS)
+        _pass_last_turn(turn, ME, True, NAMED_TURNS, NUM_WARPS)
         o = warpgroup_mma_wait(num_outstanding=0, deps=[o_token])
         _store_output_fp8(o, l_i, v_scale_ptr, v_mean_ptr, out_ptr, bh, b, h, m0, L, H, HEAD_DIM, BLOCK_M,
                           o_layout)

@@ -36,17 +36,19 @@ its own subprocess with a time limit:
 
 Prints a table and writes ``$OUT/attention_gluon.json`` (``attention_gluon_fp8.json`` with
 ``--fp8``; OUT defaults to ``benchmarks/results``).
-Needs an H100 (sm_90), Triton 3.6 with Gluon; the default run list (5 variants) is meant to take
-2-3 minutes and stops starting variants after 220 s. Run from the repository root:
+Needs an H100 (sm_90), Triton 3.6 with Gluon; the default run list (every variant but the three
+measured slow ones of ``NOT_BY_DEFAULT``) stops starting variants after 220 s. Run from the
+repository root:
 
     python3 benchmarks/bench_attention_gluon.py
-    python3 benchmarks/bench_attention_gluon.py --variants 0 4     # a subset (indices into VARIANTS)
+    python3 benchmarks/bench_attention_gluon.py --variants 1 2 3 4   # a subset (indices into VARIANTS)
     python3 benchmarks/bench_attention_gluon.py --all
 
 Measured on 2026-12-06 (H100 80GB HBM3, Triton 3.6.0, torch 2.11): the table in
 ``talkgen/kernels/attention_gluon.py``'s docstring and docs/performance.md; the best,
-ws-split-ppn-m128-n128-s3-w4 (named-barrier hand-over), 620 / 609 TFLOP/s at L 32,928 / 75,600 =
-1.09x SDPA in its process (``pp``, the mbarrier hand-over, 609 / 595 in the same run).
+ws-split-ppns-m128-n128-s3-w4 (every hand-over of the consumer loop through named barriers), 624 /
+610 TFLOP/s at L 32,928 / 75,600 = 1.08x SDPA in its process (``ppn`` 621 / 602, ``pp`` 607 / 590 in
+the same run, ``--variants 1 2 3 4``).
 
 Compile-only numbers from the CPU machine (Triton 3.6.0 and 3.9.0, ptxas for sm_90a, bf16, D=128;
 no spills in any variant; launch allocation 168 registers, the consumer partitions raise theirs

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -26,7 +27,7 @@ def test_module_imports_and_reports_gluon():
     assert isinstance(module.GLUON_AVAILABLE, bool)
     assert module.VARIANTS and module.DEFAULT_CONFIG in module.VARIANTS
     # the model's default is the variant measured fastest on the H100 (docs/performance.md)
-    assert module.DEFAULT_CONFIG.name == "ws-split-ppn-m128-n128-s3-w4"
+    assert module.DEFAULT_CONFIG.name == "ws-split-ppns-m128-n128-s3-w4"
     assert len({cfg.name for cfg in module.VARIANTS}) == len(module.VARIANTS)
 
 
@@ -49,6 +50,11 @@ def test_rejects_unsupported_configurations():
     with pytest.raises(ValueError, match="at most 3 stages"):
         attention_gluon._validate(attention_gluon.Config(**pingpong, stages=4, named_turns=True, named_release=True))
     attention_gluon._validate(attention_gluon.Config(**pingpong, stages=3, named_turns=True, named_release=True))
+    # the signaller's three-barrier rotation rests on the same slot-release order
+    with pytest.raises(ValueError, match="named_ready needs named_release"):
+        attention_gluon._validate(attention_gluon.Config(**pingpong, stages=3, named_turns=True, named_ready=True))
+    attention_gluon._validate(attention_gluon.Config(**pingpong, stages=3, named_turns=True, named_release=True,
+                                                     named_ready=True))
 
 
 def test_new_variants_come_first_and_are_named_apart():
@@ -148,6 +154,13 @@ def test_variants_compile_for_hopper(tmp_path, monkeypatch):
                 assert sync in ptx and arrive in ptx, f"{cfg.name}: named-barrier hand-over missing"
         elif cfg.pingpong:
             assert ptx.count("mbarrier.arrive.shared::cta.b64") >= 4 * 2, f"{cfg.name}: no turn arrives"
+        if cfg.named_ready:
+            # Only the signaller waits on mbarriers (Q, K, V: three sites; ppnr has ten, five per
+            # consumer); the consumers sync on the ready barriers (id in a register, 160 threads) at
+            # tile 0 and in the loop, and the signaller arrives on both consumers' barriers.
+            assert ptx.count("mbarrier.try_wait") == 3, f"{cfg.name}: a consumer still waits on an mbarrier"
+            assert len(re.findall(r"bar\.sync\s+%r\d+, 160", ptx)) == 4, f"{cfg.name}: ready syncs missing"
+            assert len(re.findall(r"bar\.arrive\s+%r\d+, 160", ptx)) == 2, f"{cfg.name}: ready arrives missing"
 
 
 def test_auto_falls_back_to_sdpa_when_the_kernel_fails(monkeypatch):

@@ -62,12 +62,15 @@ the asynchronous pieces directly, so this kernel follows FlashAttention-3 (Shah 
 
 Measured 2026-12-06 on an H100 80GB HBM3 (Triton 3.6.0, torch 2.11; 1 x 40 heads x L x 128 bf16
 in the DiT layout; ``python3 benchmarks/bench_attention_gluon.py``, SDPA/cuDNN timed in the same
-process at 566-593 TFLOP/s). Every variant is correct (relative error 2.2-2.3e-3 against float32,
-as SDPA's). TFLOP/s (x SDPA), two runs on two machines:
+process at 561-593 TFLOP/s). Every variant is correct (relative error 2.2-2.3e-3 against float32,
+as SDPA's). TFLOP/s (x SDPA), three runs on three machines; the first four rows are from the last
+run, in one call:
 
     variant                         L = 32,928     L = 75,600
-    ws-split-ppn-m128-n128-s3-w4    620 (1.088)    609 (1.085)   <- DEFAULT_CONFIG (later run)
-    ws-split-pp-m128-n128-s3-w4     616 (1.047)    595 (1.050)   (609 / 595 in that later run)
+    ws-split-ppns-m128-n128-s3-w4   624 (1.085)    610 (1.083)   <- DEFAULT_CONFIG
+    ws-split-ppnr-m128-n128-s3-w4   609 (1.051)    613 (1.086)
+    ws-split-ppn-m128-n128-s3-w4    621 (1.090)    602 (1.073)   (620 / 609 in the run before)
+    ws-split-pp-m128-n128-s3-w4     607 (1.052)    590 (1.045)   (616 / 595 in the first run)
     ws-split-pp-m128-n64-s4-w4      540 (0.917)    522 (0.914)
     ws-split-pp-m128-n128-s2-w4     437 (0.739)    439 (0.769)
     ws-split-fa3-m128-n128-s2-w4    412 (0.699)    415 (0.730)
@@ -79,11 +82,14 @@ as SDPA's). TFLOP/s (x SDPA), two runs on two machines:
 The ``ppn`` variant (``named_turns``, added after an Nsight Compute profile of ``pp`` showed warps
 stalled at partition barriers 30 % of the time) hands the turn over with hardware named barriers as
 FA3 does (``bar.sync`` to take it, non-blocking ``bar.arrive`` to pass it) instead of mbarriers,
-before each of whose arrives Triton puts a partition-wide barrier: 1.8-2.3 % faster, the same
-output. ``ppnr`` (``named_release``) also releases the K/V slots through named barriers (the
-producer warp syncs on them): the SASS of its consumer loop has one partition barrier per K/V tile
-(``ppn`` two, ``pp`` three). COMPILE-CHECKED ONLY: the session's GPU time ran out before it ran, so
-its correctness and speed are unknown and it is not the default.
+before each of whose arrives Triton puts a partition-wide barrier. ``ppnr`` (``named_release``)
+also releases the K/V slots through named barriers (the producer warp syncs on them), leaving one
+partition barrier per K/V tile, the one Triton puts before each ``mbarrier.wait``. ``ppns``
+(``named_ready``) moves those waits to a fourth partition, a signaller warp that relays each
+tile's TMA completion through named barriers: the consumer loop's SASS has no partition barrier
+left. Each step removed barriers from the SASS; the speed moved by 1-2 % per step, within the
+spread between processes: in the DiT, ``ppns`` against ``ppn`` in one call, 3.036 against 3.076 s
+per NFE (1.3 %). So those barriers were not what separates this kernel from FA3's ~740 TFLOP/s.
 
 Ping-pong pays only with a third K/V stage: with two, a consumer waiting for its turn also holds
 the slot the producer needs next. The fenced FA3 loop alone (no ping-pong) is slower than the
@@ -95,8 +101,9 @@ releases; the two renames between 3.6 and 3.9 (TMA load, CTA barrier) are resolv
 fails to compile under ``auto``.
 
 8-bit variants (``attention_fp8_gluon``, ``FP8_VARIANTS``; first GPU run 2026-12-06, H100: correct,
-2.5e-2 on DiT-like inputs with int8 scores, 686-709 TFLOP/s bf16-equivalent = 0.93-0.97x the tl
-kernel below, so none is used by the model; figures in docs/performance.md). SageAttention-2's
+2.5e-2 on DiT-like inputs with int8 scores, 679-709 TFLOP/s bf16-equivalent with the mbarrier
+hand-over, 715 / 730 at 32,928 / 75,600 tokens with the named-barrier one = 0.96-0.99x the tl
+kernel below in the same process, so none is used by the model; figures in docs/performance.md). SageAttention-2's
 arithmetic, as the tl kernel's ``attention_fp8(..., FP8_FAST_CONFIG)`` (713-762 TFLOP/s
 bf16-equivalent, 2.5e-2 relative error on DiT-like inputs), on the ping-pong layout above:
 ``attention_triton.quantize_qkv`` (int8 Q per token, int8 K per 128-key block after subtracting
@@ -178,12 +185,19 @@ class Config:
     # kv_empty mbarriers. The consumer loop then has no mbarrier arrive left, so Triton's partition
     # barriers around it (one before the arrive, one before the next tile's waits) go too.
     named_release: bool = False
+    # With named_release: a second 1-warp partition (the "signaller") waits for the TMA copies'
+    # mbarriers and tells each consumer through a named barrier (``bar.arrive`` / ``bar.sync``) that
+    # K/V tile j landed. The consumer loop is then free of mbarrier operations altogether, so the
+    # partition barrier Triton puts before every ``mbarrier.wait`` (one per tile with
+    # named_release) goes too; the waits and their barriers move to a warp that has nothing else to do.
+    named_ready: bool = False
 
     @property
     def name(self) -> str:
         kind = ("ws-split" if self.split_consumers else "ws") if self.warp_specialize else "inline"
         if self.pingpong:
-            kind += ("-ppnr" if self.named_release else "-ppn") if self.named_turns else "-pp"
+            named = "-ppns" if self.named_ready else "-ppnr" if self.named_release else "-ppn"
+            kind += named if self.named_turns else "-pp"
         elif self.fa3_loop:
             kind += "-fa3"
         return f"{kind}-m{self.block_m}-n{self.block_n}-s{self.stages}-w{self.num_warps}"
@@ -200,6 +214,10 @@ VARIANTS: tuple[Config, ...] = (
     # ... and the K/V slots released through named barriers too: no mbarrier arrive in the consumer loop.
     Config(split_consumers=True, num_warps=4, block_n=128, stages=3, fa3_loop=True, pingpong=True, named_turns=True,
            named_release=True),
+    # ... and a signaller warp relays the TMA completions through named barriers: the consumer loop
+    # has no mbarrier operation (and so no partition barrier) left.
+    Config(split_consumers=True, num_warps=4, block_n=128, stages=3, fa3_loop=True, pingpong=True, named_turns=True,
+           named_release=True, named_ready=True),
     # Ping-pong with the best measured tile of the old loop (64 keys, 4 stages).
     Config(split_consumers=True, num_warps=4, block_n=64, stages=4, fa3_loop=True, pingpong=True),
     # FA3 loop without ping-pong: separates the two changes (compare with the first and with
@@ -216,10 +234,11 @@ VARIANTS: tuple[Config, ...] = (
 )
 
 # What the model uses (talkgen.models.attention): the fastest variant measured on a GPU,
-# ping-pong consumers handing over through named barriers, a 3-stage ring of 128-key tiles: 620
-# TFLOP/s at 32,928 tokens against 609 for the mbarrier hand-over in the same run, 1.05-1.09x SDPA
-# on an H100 (2026-12-06, benchmarks/bench_attention_gluon.py).
-DEFAULT_CONFIG = next(cfg for cfg in VARIANTS if cfg.name == "ws-split-ppn-m128-n128-s3-w4")
+# ping-pong consumers, a 3-stage ring of 128-key tiles, every hand-over inside the consumer loop
+# through named barriers: 624 / 610 TFLOP/s at 32,928 / 75,600 tokens = 1.08x SDPA on an H100, and
+# in the DiT 3.036 s per NFE against 3.076 s for ``ppn`` in the same call (2026-12-06,
+# benchmarks/bench_attention_gluon.py and bench_dit.py).
+DEFAULT_CONFIG = next(cfg for cfg in VARIANTS if cfg.name == "ws-split-ppns-m128-n128-s3-w4")
 
 
 @dataclass(frozen=True)
@@ -246,9 +265,10 @@ class Fp8Config:
         return f"fp8-{pp}-{qk}-m{self.block_m}-n{self.block_n}-s{self.stages}-w{self.num_warps}"
 
 
-# The 8-bit variants (measured 2026-12-06 on an H100, int8 / e4m3 / int8 6 stages: 686 / 758 / 700
-# TFLOP/s at 32,928 tokens, errors 2.5e-2 / 6.2e-2 / 2.5e-2 on DiT-like inputs). None is used by the
-# model: the tl ``triton-fp8-fast`` kernel is as accurate and faster (740). 8-bit tiles are half
+# The 8-bit variants (measured 2026-12-06 on an H100, int8 / e4m3 / int8 6 stages / int8 named
+# hand-over: 686 / 758 / 700 / 715 TFLOP/s at 32,928 tokens, errors 2.5e-2 / 6.2e-2 / 2.5e-2 /
+# 2.5e-2 on DiT-like inputs). None is used by the model: the tl ``triton-fp8-fast`` kernel is as
+# accurate and a little faster (744-746 in the same processes). 8-bit tiles are half
 # the bytes of bf16 ones, so a 128-key K/V stage is 32 KB (K 128 x 128 + V^T 128 x 128 bytes) and a
 # 4-stage ring + Q (16 KB) takes 144 KB of the 227 KB.
 FP8_VARIANTS: tuple[Fp8Config, ...] = (
@@ -260,7 +280,8 @@ FP8_VARIANTS: tuple[Fp8Config, ...] = (
     Fp8Config(block_n=128, stages=4, qk_int8=False),
     # int8 with a deeper ring: 6 stages of 32 KB + Q = 208 KB.
     Fp8Config(block_n=128, stages=6, qk_int8=True),
-    # int8, the hand-over through named barriers (+1.8 % on the bf16 kernel); compile-checked only.
+    # int8, the hand-over through named barriers: 715 / 730 TFLOP/s against 679 / 692 for the first
+    # row in the same call (+5 %), 0.96 / 0.99x triton-fp8-fast.
     Fp8Config(block_n=128, stages=4, qk_int8=True, named_turns=True),
 )
 
@@ -466,6 +487,49 @@ if GLUON_AVAILABLE:
             _named_barrier("bar.sync 13, 288;\n\tmov.b32 $0, $1;", 1)
 
     @gluon.jit
+    def _ready_barrier_id(tile, ME: gl.constexpr):
+        """``named_ready``: the named barrier that says K/V ``tile`` landed, for consumer ``ME``.
+        Three per consumer, by ``tile % 3`` (consumer 0: 5, 6, 7; consumer 1: 8, 9, 14; 0-4 are
+        Triton's, 10-13 the turns and releases): the signaller may run up to two tiles ahead of a
+        consumer's sync (tiles 0-2 need no release), never three, because tile t + 3 is loaded only
+        after both consumers released tile t, which they do after their sync for tile t + 1."""
+        r = tile % 3
+        if ME == 0:
+            bar_id = 5 + r
+        else:
+            bar_id = 8 + r + 4 * (r // 2)
+        return bar_id
+
+    @gluon.jit
+    def _wait_named_ready(tile, ME: gl.constexpr, NUM_WARPS: gl.constexpr):
+        """``named_ready``, consumer side: K/V ``tile`` (and Q) are in shared memory. The barrier
+        completes at 160 threads: this consumer's 128 (``bar.sync``) and the signaller warp's 32
+        (``bar.arrive``); the id is a register operand."""
+        layout: gl.constexpr = gl.BlockedLayout([1], [32], [NUM_WARPS], [0])
+        bar_id = gl.full([NUM_WARPS * 32], _ready_barrier_id(tile, ME), gl.int32, layout)
+        gl.inline_asm_elementwise("bar.sync $1, 160;\n\tmov.b32 $0, $1;", "=r,r", [bar_id], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+
+    @gluon.jit
+    def _signaller(q_ready, k_ready, v_ready, L, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """``named_ready``: a 1-warp partition that waits for each K/V tile's TMA copies (and Q's,
+        before tile 0) and passes that on to both consumers through named barriers. The mbarrier
+        waits, and the partition barriers Triton puts before them, happen here instead of in the
+        consumers' loops (for one warp Triton's partition barrier is a ``bar.warp.sync``)."""
+        layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+        mbarrier.wait(q_ready, 0)
+        n_blocks = gl.cdiv(L, BLOCK_N)
+        for j in range(n_blocks):
+            slot = j % STAGES
+            phase = (j // STAGES) & 1
+            mbarrier.wait(k_ready.index(slot), phase)
+            mbarrier.wait(v_ready.index(slot), phase)
+            ids0 = gl.full([32], _ready_barrier_id(j, 0), gl.int32, layout)
+            ids1 = gl.full([32], _ready_barrier_id(j, 1), gl.int32, layout)
+            gl.inline_asm_elementwise("bar.arrive $1, 160;\n\tbar.arrive $2, 160;\n\tmov.b32 $0, $1;", "=r,r,r",
+                                      [ids0, ids1], dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
     def _take_turn(turn, t, ME: gl.constexpr, PINGPONG: gl.constexpr, NAMED: gl.constexpr = False,
                    NUM_WARPS: gl.constexpr = 4):
         """Ping-pong: consumer ``ME`` waits until it may issue its ``t``-th group of wgmmas. Turns
@@ -511,7 +575,7 @@ if GLUON_AVAILABLE:
                       turn, b, h, m0, L, H, qk_scale,
                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                       NUM_WARPS: gl.constexpr, ME: gl.constexpr, PINGPONG: gl.constexpr,
-                      NAMED_TURNS: gl.constexpr, NAMED_RELEASE: gl.constexpr):
+                      NAMED_TURNS: gl.constexpr, NAMED_RELEASE: gl.constexpr, NAMED_READY: gl.constexpr):
         """One 64-row consumer warpgroup with FA3's loop order (``fa3_loop``):
 
             wait K_j, V_{j-1}; [take turn]; issue S_j = Q K_j^T; O *= alpha_{j-1};
@@ -545,8 +609,11 @@ if GLUON_AVAILABLE:
         _open_turns(ME, PINGPONG, NAMED_TURNS, NUM_WARPS)
 
         # Turn 0: S_0 alone.
-        mbarrier.wait(q_ready, 0)
-        mbarrier.wait(k_ready.index(0), 0)
+        if NAMED_READY:
+            _wait_named_ready(0, ME, NUM_WARPS)  # Q, K_0 and V_0
+        else:
+            mbarrier.wait(q_ready, 0)
+            mbarrier.wait(k_ready.index(0), 0)
         _take_turn(turn, 0, ME, PINGPONG, NAMED_TURNS, NUM_WARPS)
         s_token = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         _pass_turn(turn, ME, PINGPONG, NAMED_TURNS, NUM_WARPS)
@@ -557,8 +624,11 @@ if GLUON_AVAILABLE:
             slot = j % STAGES
             prev = (j - 1) % STAGES
             # Data first, then the turn: never hold the turn while a TMA copy is still landing.
-            mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
-            mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+            if NAMED_READY:
+                _wait_named_ready(j, ME, NUM_WARPS)  # K_j and V_j (V_{j-1} came with tile j-1)
+            else:
+                mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
+                mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
             _take_turn(turn, j, ME, PINGPONG, NAMED_TURNS, NUM_WARPS)
             s_token = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False,
                                     is_async=True)
@@ -579,7 +649,8 @@ if GLUON_AVAILABLE:
 
         # Turn n_blocks: the last P V.
         last = n_blocks - 1
-        mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+        if not NAMED_READY:  # else V_last came with the signal for tile ``last``
+            mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
         _take_turn(turn, n_blocks, ME, PINGPONG, NAMED_TURNS, NUM_WARPS)
         o = o * gl.expand_dims(gl.convert_layout(alpha, o_row_layout), 1)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
@@ -619,7 +690,8 @@ if GLUON_AVAILABLE:
                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                          NUM_WARPS: gl.constexpr, WARP_SPECIALIZE: gl.constexpr, SPLIT_CONSUMERS: gl.constexpr,
                          PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, FA3_LOOP: gl.constexpr,
-                         PINGPONG: gl.constexpr, NAMED_TURNS: gl.constexpr, NAMED_RELEASE: gl.constexpr):
+                         PINGPONG: gl.constexpr, NAMED_TURNS: gl.constexpr, NAMED_RELEASE: gl.constexpr,
+                         NAMED_READY: gl.constexpr):
         """Program (query tile, batch * head). Token n of (b, h) is row b*row_b + h*row_h + n, column
         h*col_h of each tensor's 2-D view (see ``talkgen.kernels.layout.view_2d``).
 
@@ -659,15 +731,31 @@ if GLUON_AVAILABLE:
             mbarrier.init(kv_empty.index(i), count=Q_TILES)  # one arrive per consumer partition
         fence_async_shared()  # barrier initialisation visible to the TMA unit before any copy
 
-        if FA3_LOOP:
+        if FA3_LOOP and NAMED_READY:
             gl.warp_specialize(
                 [
                     (_consumer_fa3, (q_desc, k_desc, v_desc, out_ptr, q_smem.index(0), k_smem, v_smem, q_ready,
                                      k_ready, v_ready, kv_empty, turn, b, h, m0, L, H, qk_scale, ROWS, BLOCK_N,
-                                     HEAD_DIM, STAGES, NUM_WARPS, 0, PINGPONG, NAMED_TURNS, NAMED_RELEASE)),
+                                     HEAD_DIM, STAGES, NUM_WARPS, 0, PINGPONG, NAMED_TURNS, NAMED_RELEASE, True)),
                     (_consumer_fa3, (q_desc, k_desc, v_desc, out_ptr, q_smem.index(1), k_smem, v_smem, q_ready,
                                      k_ready, v_ready, kv_empty, turn, b, h, m0 + ROWS, L, H, qk_scale, ROWS, BLOCK_N,
-                                     HEAD_DIM, STAGES, NUM_WARPS, 1, PINGPONG, NAMED_TURNS, NAMED_RELEASE)),
+                                     HEAD_DIM, STAGES, NUM_WARPS, 1, PINGPONG, NAMED_TURNS, NAMED_RELEASE, True)),
+                    (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
+                                 q_row, q_col, k_row, k_col, v_row, v_col, m0, L, BLOCK_N, STAGES, Q_TILES, True)),
+                    (_signaller, (q_ready, k_ready, v_ready, L, BLOCK_N, STAGES)),
+                ],
+                [NUM_WARPS, 1, 1],
+                [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS],
+            )
+        elif FA3_LOOP:
+            gl.warp_specialize(
+                [
+                    (_consumer_fa3, (q_desc, k_desc, v_desc, out_ptr, q_smem.index(0), k_smem, v_smem, q_ready,
+                                     k_ready, v_ready, kv_empty, turn, b, h, m0, L, H, qk_scale, ROWS, BLOCK_N,
+                                     HEAD_DIM, STAGES, NUM_WARPS, 0, PINGPONG, NAMED_TURNS, NAMED_RELEASE, False)),
+                    (_consumer_fa3, (q_desc, k_desc, v_desc, out_ptr, q_smem.index(1), k_smem, v_smem, q_ready,
+                                     k_ready, v_ready, kv_empty, turn, b, h, m0 + ROWS, L, H, qk_scale, ROWS, BLOCK_N,
+                                     HEAD_DIM, STAGES, NUM_WARPS, 1, PINGPONG, NAMED_TURNS, NAMED_RELEASE, False)),
                     (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
                                  q_row, q_col, k_row, k_col, v_row, v_col, m0, L, BLOCK_N, STAGES, Q_TILES, NAMED_RELEASE)),
                 ],
@@ -973,7 +1061,7 @@ def _constexprs(config: Config, head_dim: int) -> dict:
                 NUM_WARPS=config.num_warps, WARP_SPECIALIZE=config.warp_specialize,
                 SPLIT_CONSUMERS=config.split_consumers, PRODUCER_REGS=config.producer_regs,
                 CONSUMER_REGS=config.consumer_regs, FA3_LOOP=config.fa3_loop, PINGPONG=config.pingpong,
-                NAMED_TURNS=config.named_turns, NAMED_RELEASE=config.named_release)
+                NAMED_TURNS=config.named_turns, NAMED_RELEASE=config.named_release, NAMED_READY=config.named_ready)
 
 
 def _q_block_rows(config: Config) -> int:
@@ -998,6 +1086,8 @@ def _validate(config: Config) -> None:
         # With a 4th slot, a consumer could release tile t + 2 before the producer syncs for tile t
         # on the same named barrier (see _release_named).
         raise ValueError(f"{config}: named_release needs at most 3 stages")
+    if config.named_ready and not config.named_release:
+        raise ValueError(f"{config}: named_ready needs named_release (the same at-most-3-stages argument)")
 
 
 def attention_bf16_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -193,7 +193,8 @@ def test_auto_falls_back_to_sdpa_when_the_kernel_fails(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
-# The 8-bit variants (attention_fp8_gluon): compile-checked here, never run on a GPU yet.
+# The 8-bit variants (attention_fp8_gluon): compile-checked here (the GPU run is
+# benchmarks/bench_attention_gluon.py --fp8).
 
 
 def test_fp8_variants_are_valid_and_named_apart():
@@ -211,6 +212,11 @@ def test_fp8_variants_are_valid_and_named_apart():
         attention_gluon._validate_fp8(attention_gluon.Fp8Config(block_n=256, stages=4))
     with pytest.raises(ValueError, match="block_m 128"):
         attention_gluon._validate_fp8(attention_gluon.Fp8Config(block_m=64))
+    # the named-barrier rotations of the bf16 default hold for at most 3 stages
+    with pytest.raises(ValueError, match="named_sync"):
+        attention_gluon._validate_fp8(attention_gluon.Fp8Config(stages=4, named_turns=True, named_sync=True))
+    with pytest.raises(ValueError, match="named_sync"):
+        attention_gluon._validate_fp8(attention_gluon.Fp8Config(stages=3, named_sync=True))
 
 
 def test_int32_to_float_bit_trick_is_exact():
@@ -337,6 +343,9 @@ def test_fp8_variants_compile_for_hopper(tmp_path, monkeypatch):
         assert "setmaxnreg" in ptx, cfg.name
         if cfg.named_turns:
             assert "bar.sync 10, 256" in ptx and "bar.arrive 10, 256" in ptx, f"{cfg.name}: named hand-over missing"
+            if cfg.named_sync:  # only the signaller waits on mbarriers, as in ws-split-ppns
+                assert ptx.count("mbarrier.try_wait") == 3, f"{cfg.name}: a consumer still waits on an mbarrier"
+                assert len(re.findall(r"bar\.sync\s+%r\d+, 160", ptx)) == 4, f"{cfg.name}: ready syncs missing"
         else:
             assert ptx.count("mbarrier.arrive.shared::cta.b64") >= 4 * 2, f"{cfg.name}: no turn arrives"
         # the FA3 loop's point, as for the bf16 variants: the exp2s between "S_j done" and "P V done"

@@ -103,7 +103,8 @@ fails to compile under ``auto``.
 8-bit variants (``attention_fp8_gluon``, ``FP8_VARIANTS``; first GPU run 2026-12-06, H100: correct,
 2.5e-2 on DiT-like inputs with int8 scores, 679-709 TFLOP/s bf16-equivalent with the mbarrier
 hand-over, 715 / 730 at 32,928 / 75,600 tokens with the named-barrier one = 0.96-0.99x the tl
-kernel below in the same process, so none is used by the model; figures in docs/performance.md). SageAttention-2's
+kernel below in the same process, so none is used by the model; figures in docs/performance.md;
+``fp8-ppns``, the bf16 default's scheme, is compile-checked only). SageAttention-2's
 arithmetic, as the tl kernel's ``attention_fp8(..., FP8_FAST_CONFIG)`` (713-762 TFLOP/s
 bf16-equivalent, 2.5e-2 relative error on DiT-like inputs), on the ping-pong layout above:
 ``attention_triton.quantize_qkv`` (int8 Q per token, int8 K per 128-key block after subtracting
@@ -257,11 +258,15 @@ class Fp8Config:
     producer_regs: int = 24
     consumer_regs: int = 240
     named_turns: bool = False  # the hand-over through named barriers (``Config.named_turns``)
+    # With named_turns: slot releases and tile arrivals through named barriers too, a signaller
+    # warp relaying the TMA completions (``Config.named_release`` + ``named_ready``, the bf16
+    # default's scheme); at most 3 stages.
+    named_sync: bool = False
 
     @property
     def name(self) -> str:
         qk = "i8qk" if self.qk_int8 else "e4qk"
-        pp = "ppn" if self.named_turns else "pp"
+        pp = ("ppns" if self.named_sync else "ppn") if self.named_turns else "pp"
         return f"fp8-{pp}-{qk}-m{self.block_m}-n{self.block_n}-s{self.stages}-w{self.num_warps}"
 
 
@@ -283,6 +288,9 @@ FP8_VARIANTS: tuple[Fp8Config, ...] = (
     # int8, the hand-over through named barriers: 715 / 730 TFLOP/s against 679 / 692 for the first
     # row in the same call (+5 %), 0.96 / 0.99x triton-fp8-fast.
     Fp8Config(block_n=128, stages=4, qk_int8=True, named_turns=True),
+    # int8, the bf16 default's scheme: no mbarrier operation in the consumer loop (3 stages: the
+    # named-barrier rotations allow no more). Compile-checked only.
+    Fp8Config(block_n=128, stages=3, qk_int8=True, named_turns=True, named_sync=True),
 )
 
 # ------------------------------------------------------------------------------------------------
@@ -884,7 +892,7 @@ if GLUON_AVAILABLE:
                       q_ready, k_ready, v_ready, kv_empty, turn, bh, b, h, m0, L, H, LP,
                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                       NUM_WARPS: gl.constexpr, ME: gl.constexpr, QK_INT8: gl.constexpr, P_SHIFT: gl.constexpr,
-                      NAMED_TURNS: gl.constexpr = False):
+                      NAMED_TURNS: gl.constexpr = False, NAMED_SYNC: gl.constexpr = False):
         """One 64-row consumer warpgroup of the 8-bit kernel: ``_consumer_fa3``'s loop with ping-pong
         turns, 8-bit operands (wgmma K = 32 per instruction: ``instr_shape`` [16, N, 32], P's
         register operand packs 4 bytes per 32-bit register: ``k_width=4``):
@@ -923,8 +931,11 @@ if GLUON_AVAILABLE:
 
         # Turn 0: S_0 alone.
         sk = gl.load(k_scale_head)
-        mbarrier.wait(q_ready, 0)
-        mbarrier.wait(k_ready.index(0), 0)
+        if NAMED_SYNC:
+            _wait_named_ready(0, ME, NUM_WARPS)  # Q, K_0 and V_0
+        else:
+            mbarrier.wait(q_ready, 0)
+            mbarrier.wait(k_ready.index(0), 0)
         _take_turn(turn, 0, ME, True, NAMED_TURNS, NUM_WARPS)
         s_token = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         _pass_turn(turn, ME, True, NAMED_TURNS, NUM_WARPS)
@@ -935,8 +946,11 @@ if GLUON_AVAILABLE:
             slot = j % STAGES
             prev = (j - 1) % STAGES
             sk = gl.load(k_scale_head + j)  # issued early: its latency hides behind the waits and S_j
-            mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
-            mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+            if NAMED_SYNC:
+                _wait_named_ready(j, ME, NUM_WARPS)  # K_j and V_j
+            else:
+                mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
+                mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
             _take_turn(turn, j, ME, True, NAMED_TURNS, NUM_WARPS)
             s_token = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False,
                                     is_async=True)
@@ -955,11 +969,16 @@ if GLUON_AVAILABLE:
             # until the wait_group that retires it (PTX ISA: modifying them earlier is undefined,
             # so ptxas tracks them, as for CUTLASS's register-A fp8 GEMMs).
             o = warpgroup_mma_wait(num_outstanding=0, deps=[o_token])
-            mbarrier.arrive(kv_empty.index(prev), count=1)  # slot j-1 read by this consumer
+            if NAMED_SYNC:
+                if j - 1 + STAGES < n_blocks:  # the producer waits only for slots it refills
+                    _release_named(j - 1, NUM_WARPS)
+            else:
+                mbarrier.arrive(kv_empty.index(prev), count=1)  # slot j-1 read by this consumer
 
         # Turn n_blocks: the last P V.
         last = n_blocks - 1
-        mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+        if not NAMED_SYNC:  # else V_last came with the signal for tile ``last``
+            mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
         _take_turn(turn, n_blocks, ME, True, NAMED_TURNS, NUM_WARPS)
         o = o * gl.expand_dims(gl.convert_layout(alpha, o_row_layout), 1)
         p_op = gl.convert_layout(p.to(p_dtype), p_layout)
@@ -971,7 +990,8 @@ if GLUON_AVAILABLE:
 
     @gluon.jit
     def _producer_fp8(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
-                      bh, m0, L, LP, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HEAD_DIM: gl.constexpr):
+                      bh, m0, L, LP, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HEAD_DIM: gl.constexpr,
+                      NAMED_RELEASE: gl.constexpr = False):
         """``_producer`` for quantize_qkv's buffers: Q8 / K8 tiles at row bh * LP + token, the V^T
         tile of tokens n0 .. n0 + BLOCK_N at [bh * D, n0] (never out of bounds: L <= LP)."""
         q_rows: gl.constexpr = q_desc.block_type.shape[0]
@@ -981,7 +1001,11 @@ if GLUON_AVAILABLE:
         n_blocks = gl.cdiv(L, BLOCK_N)
         for j in range(n_blocks):
             slot = j % STAGES
-            mbarrier.wait(kv_empty.index(slot), ((j // STAGES) & 1) ^ 1)  # round 0 passes at once
+            if NAMED_RELEASE:
+                if j >= STAGES:
+                    _wait_named_release(j - STAGES)
+            else:
+                mbarrier.wait(kv_empty.index(slot), ((j // STAGES) & 1) ^ 1)  # round 0 passes at once
             n0 = j * BLOCK_N
             mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
             _tma_load(k_desc, [bh * LP + n0, 0], k_ready.index(slot), k_smem.index(slot))
@@ -994,7 +1018,7 @@ if GLUON_AVAILABLE:
                              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                              STAGES: gl.constexpr, NUM_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                              CONSUMER_REGS: gl.constexpr, QK_INT8: gl.constexpr, P_SHIFT: gl.constexpr,
-                             NAMED_TURNS: gl.constexpr):
+                             NAMED_TURNS: gl.constexpr, NAMED_SYNC: gl.constexpr):
         """Program (query tile, batch * head) of the 8-bit kernel: ``_attn_fwd_hopper``'s ping-pong
         layout (producer warp, two 64-row consumer warpgroups taking turns) on 8-bit tiles."""
         pid_m = gl.program_id(0)
@@ -1020,20 +1044,42 @@ if GLUON_AVAILABLE:
             mbarrier.init(kv_empty.index(i), count=2)  # one arrive per consumer partition
         fence_async_shared()
 
-        gl.warp_specialize(
-            [
-                (_consumer_fp8, (out_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, v_mean_ptr, q_smem.index(0), k_smem,
-                                 v_smem, q_ready, k_ready, v_ready, kv_empty, turn, bh, b, h, m0, L, H, LP, ROWS,
-                                 BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS, 0, QK_INT8, P_SHIFT, NAMED_TURNS)),
-                (_consumer_fp8, (out_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, v_mean_ptr, q_smem.index(1), k_smem,
-                                 v_smem, q_ready, k_ready, v_ready, kv_empty, turn, bh, b, h, m0 + ROWS, L, H, LP,
-                                 ROWS, BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS, 1, QK_INT8, P_SHIFT, NAMED_TURNS)),
-                (_producer_fp8, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
-                                 bh, m0, L, LP, BLOCK_N, STAGES, HEAD_DIM)),
-            ],
-            [NUM_WARPS, 1],
-            [CONSUMER_REGS, PRODUCER_REGS],
-        )
+        # (Argument tuples cannot be built once and shared: a tuple made in the kernel body turns its
+        # constexpr members into tensors.)
+        if NAMED_SYNC:
+            gl.warp_specialize(
+                [
+                    (_consumer_fp8, (out_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, v_mean_ptr, q_smem.index(0),
+                                     k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, turn, bh, b, h, m0, L, H, LP,
+                                     ROWS, BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS, 0, QK_INT8, P_SHIFT, NAMED_TURNS,
+                                     True)),
+                    (_consumer_fp8, (out_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, v_mean_ptr, q_smem.index(1),
+                                     k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, turn, bh, b, h, m0 + ROWS, L,
+                                     H, LP, ROWS, BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS, 1, QK_INT8, P_SHIFT,
+                                     NAMED_TURNS, True)),
+                    (_producer_fp8, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready,
+                                     kv_empty, bh, m0, L, LP, BLOCK_N, STAGES, HEAD_DIM, True)),
+                    (_signaller, (q_ready, k_ready, v_ready, L, BLOCK_N, STAGES)),
+                ],
+                [NUM_WARPS, 1, 1],
+                [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS],
+            )
+        else:
+            gl.warp_specialize(
+                [
+                    (_consumer_fp8, (out_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, v_mean_ptr, q_smem.index(0),
+                                     k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, turn, bh, b, h, m0, L, H, LP,
+                                     ROWS, BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS, 0, QK_INT8, P_SHIFT, NAMED_TURNS)),
+                    (_consumer_fp8, (out_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, v_mean_ptr, q_smem.index(1),
+                                     k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, turn, bh, b, h, m0 + ROWS, L,
+                                     H, LP, ROWS, BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS, 1, QK_INT8, P_SHIFT,
+                                     NAMED_TURNS)),
+                    (_producer_fp8, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready,
+                                     kv_empty, bh, m0, L, LP, BLOCK_N, STAGES, HEAD_DIM)),
+                ],
+                [NUM_WARPS, 1],
+                [CONSUMER_REGS, PRODUCER_REGS],
+            )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1170,12 +1216,14 @@ def _validate_fp8(config: Fp8Config, head_dim: int = 128) -> None:
         raise ValueError(f"{config}: the K/V ring needs at least 2 stages")
     if fp8_shared_bytes(config, head_dim) > SHARED_LIMIT:
         raise ValueError(f"{config}: {fp8_shared_bytes(config, head_dim)} B of shared memory > {SHARED_LIMIT}")
+    if config.named_sync and not (config.named_turns and config.stages <= 3):
+        raise ValueError(f"{config}: named_sync needs named_turns and at most 3 stages (see _release_named)")
 
 
 def _fp8_constexprs(config: Fp8Config, head_dim: int) -> dict:
     return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, HEAD_DIM=head_dim, STAGES=config.stages,
                 NUM_WARPS=config.num_warps, PRODUCER_REGS=config.producer_regs, CONSUMER_REGS=config.consumer_regs,
-                QK_INT8=config.qk_int8, P_SHIFT=P_SHIFT, NAMED_TURNS=config.named_turns)
+                QK_INT8=config.qk_int8, P_SHIFT=P_SHIFT, NAMED_TURNS=config.named_turns, NAMED_SYNC=config.named_sync)
 
 
 def _fp8_layouts(config: Fp8Config, head_dim: int):

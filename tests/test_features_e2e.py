@@ -72,6 +72,28 @@ def request(**values) -> GenerationRequest:
     return GenerationRequest.parse({k: str(v) if isinstance(v, Path) else v for k, v in values.items()})
 
 
+def test_a_failed_stream_leaves_no_file_and_no_writer(multitalk, media, tmp_path: Path, monkeypatch) -> None:
+    """The mp4 is encoded on a background thread while the next chunk is made; when a later chunk
+    fails, the error reaches the caller, the writer thread ends and no file (final or partial) is
+    left behind."""
+    import threading
+
+    real_stream = Pipeline.stream
+
+    def failing_stream(self, *args, **kwargs):
+        for chunk in real_stream(self, *args, **kwargs):
+            yield chunk
+            raise RuntimeError("the GPU fell off the bus")
+
+    monkeypatch.setattr(Pipeline, "stream", failing_stream)
+    out = tmp_path / "out.mp4"
+    with pytest.raises(RuntimeError, match="fell off"):
+        multitalk.generate(request(cond_image=media["square"], cond_audio={"person1": media["s1"]},
+                                   mode="streaming", frame_num=9, motion_frame=5), out)
+    assert list(tmp_path.iterdir()) == []
+    assert not [t for t in threading.enumerate() if t.name == "talkgen-mp4-writer"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["multitalk", "infinitetalk"])
 def test_streaming_30_seconds(model: str, multitalk, infinitetalk, media, tmp_path: Path) -> None:

@@ -76,6 +76,37 @@ def test_write_mp4_leaves_no_partial_file(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["a.mp4"]
 
 
+def test_background_writer_writes_every_chunk_in_order(tmp_path: Path) -> None:
+    expected = _moving_portrait(21)  # 21 distinct frames
+    chunks = [expected[:9].copy(), expected[9:16].copy(), expected[16:].copy()]
+    writer = video_mod.BackgroundWriter(video_mod.Mp4Writer(tmp_path / "queued.mp4", 96, 128, sample_speech(1.0, SR),
+                                                            SR), depth=1)
+    for frames in chunks:  # depth 1: the second write waits for the first chunk's turn
+        writer.write(frames)
+    writer.close()
+    assert writer.frames_written == 21
+    info = probe_media(tmp_path / "queued.mp4")
+    assert info.video.frames == 21 and abs(info.audio.duration - 21 / 25) <= AAC_FRAME / SR
+    decoded = read_video(tmp_path / "queued.mp4")[0].astype(np.int16)
+    # every frame where it belongs (x264's output is not byte-reproducible here, even from one
+    # thread, so the frames are compared by content): each decoded frame is nearest its own input
+    distance = np.abs(decoded[:, None] - expected[None].astype(np.int16)).mean(axis=(2, 3, 4))
+    assert (distance.argmin(axis=1) == np.arange(21)).all()
+    assert distance.diagonal().max() < 3
+
+
+def test_background_writer_raises_the_encoders_failure(tmp_path: Path) -> None:
+    writer = video_mod.BackgroundWriter(video_mod.Mp4Writer(tmp_path / "bad.mp4", 64, 64, None, SR))
+    writer.write(np.zeros((2, 64, 64), np.uint8))  # no channel axis: fails on the writer's thread
+    with pytest.raises(ValueError, match="expected uint8 frames"):
+        writer.close()
+    writer.abort()  # the pipeline's error path after a failed close: no hang, no second error
+    aborted = video_mod.BackgroundWriter(video_mod.Mp4Writer(tmp_path / "dropped.mp4", 64, 64, None, SR))
+    aborted.write(np.zeros((3, 64, 64, 3), np.uint8))
+    aborted.abort()
+    assert not aborted._thread.is_alive()
+
+
 def test_missing_encoder_is_a_resource_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(video_mod, "VIDEO_CODEC", "no_such_encoder")
     with pytest.raises(ResourceError, match="no_such_encoder encoder is missing"):

@@ -541,7 +541,7 @@ class Pipeline:
         chunks finish; without ``output`` the frames are returned in memory. ``on_chunk`` sees
         every finished chunk (the service persists them); ``resume`` continues a stream after a
         finished chunk (frames before it are not written again)."""
-        from talkgen.media.video import Mp4Writer
+        from talkgen.media.video import BackgroundWriter, Mp4Writer
 
         seed = resolve_seed(request.seed)
         inputs = self.prepare(request, progress)
@@ -575,7 +575,9 @@ class Pipeline:
                     partial.parent.mkdir(parents=True, exist_ok=True)
                     height, width = chunk.frames.shape[1:3]
                     soundtrack = inputs.soundtrack_from(chunk.first_frame)
-                    writer = Mp4Writer(partial, width, height, soundtrack, inputs.soundtrack_rate, fps=FPS)
+                    # Chunk k is encoded while chunk k + 1 is generated.
+                    writer = BackgroundWriter(Mp4Writer(partial, width, height, soundtrack, inputs.soundtrack_rate,
+                                                        fps=FPS))
                 if writer is not None:
                     progress(ProgressEvent("write", chunk=chunk.index))
                     writer.write(chunk.frames)
@@ -590,7 +592,7 @@ class Pipeline:
                 os.replace(partial, output)
         finally:
             if writer is not None:
-                writer.container.close()
+                writer.abort()
             if partial is not None and partial.exists():
                 partial.unlink()
         return Result(video_path=Path(output) if output is not None else None, num_frames=total, fps=FPS, seed=seed,

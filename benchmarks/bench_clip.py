@@ -3,6 +3,13 @@ speech -> wav2vec2, prompt -> umT5, portrait -> ViT-H, VAE condition, sampling, 
 colour matching, mp4 mux. Run twice; the second run is reported (the first compiles).
 
     python benchmarks/bench_clip.py --steps 4 --text-scale 1 --audio-scale 2 --shift 2   # lightx2v setting
+
+A stream instead of one clip, and the same stream with each chunk's mp4 encoded before the next
+chunk starts (what talkgen did before ``BackgroundWriter``), to see what encoding beside the GPU
+work buys:
+
+    python benchmarks/bench_clip.py --steps 4 --fp8 --mode streaming --seconds 9
+    python benchmarks/bench_clip.py --steps 4 --fp8 --mode streaming --seconds 9 --sync-writer
 """
 
 from __future__ import annotations
@@ -65,6 +72,26 @@ def build_pipeline(people: int, fp8: bool = False, memory: str | None = None, bu
     return Pipeline(**components, model="multitalk", device="cuda", memory=manager)
 
 
+class SyncWriter:
+    """``BackgroundWriter``'s interface, encoding in the caller's thread (``--sync-writer``)."""
+
+    def __init__(self, writer, depth: int = 2):
+        self.writer = writer
+
+    @property
+    def frames_written(self) -> int:
+        return self.writer.frames_written
+
+    def write(self, frames) -> None:
+        self.writer.write(frames)
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def abort(self) -> None:
+        self.writer.container.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=4)
@@ -75,7 +102,15 @@ def main() -> None:
     ap.add_argument("--fp8", action="store_true", help="DiT block linears in fp8 (needs torchao, sm89+)")
     ap.add_argument("--memory", default=None, help="a memory tier (talkgen.runtime.memory), e.g. stream-blocks")
     ap.add_argument("--vram-budget", type=float, default=None, help="GiB, with --memory")
+    ap.add_argument("--mode", choices=["clip", "streaming"], default="clip",
+                    help="streaming: chunks of 81 frames (25 carried over) until the speech ends")
+    ap.add_argument("--sync-writer", action="store_true",
+                    help="encode each chunk's mp4 before the next chunk starts (no background writer)")
     a = ap.parse_args()
+    if a.sync_writer:
+        from talkgen.media import video
+
+        video.BackgroundWriter = SyncWriter
 
     import soundfile as sf
     from PIL import Image
@@ -89,7 +124,7 @@ def main() -> None:
     pipe = build_pipeline(1, fp8=a.fp8, memory=a.memory, budget_gb=a.vram_budget)
     request = GenerationRequest.parse(dict(cond_image=str(tmp / "p.png"), cond_audio={"person1": str(tmp / "s.wav")},
                                            sample_steps=a.steps, text_guide_scale=a.text_scale,
-                                           audio_guide_scale=a.audio_scale, sample_shift=a.shift))
+                                           audio_guide_scale=a.audio_scale, sample_shift=a.shift, mode=a.mode))
     stages: dict[str, float] = {}
     runs = []
     peaks: dict[str, float] = {}
@@ -131,8 +166,9 @@ def main() -> None:
         print(f"run {run}: {runs[-1]:.2f} s, {result.num_frames} frames", {k: round(v, 2) for k, v in stages.items()},
               "peak GiB", {k: round(v, 1) for k, v in peaks.items()}, flush=True)
     tier = f"_{a.memory}" if a.memory else ""
-    save(f"clip_{a.steps}steps_{'2' if a.text_scale == 1 else '3'}nfe{'_fp8' if a.fp8 else ''}{tier}", dict(fp8=a.fp8,
-        memory=a.memory, vram_budget_gib=a.vram_budget,
+    kind = "" if a.mode == "clip" else f"_stream{'_sync' if a.sync_writer else ''}"
+    save(f"clip_{a.steps}steps_{'2' if a.text_scale == 1 else '3'}nfe{'_fp8' if a.fp8 else ''}{tier}{kind}", dict(fp8=a.fp8,
+        memory=a.memory, vram_budget_gib=a.vram_budget, mode=a.mode, sync_writer=a.sync_writer, seconds=a.seconds,
         steps=a.steps, nfe_per_step=2 if a.text_scale == 1 else 3, frames=result.num_frames, size=[448, 896],
         tokens=32928, clip_s=runs[-1], first_run_s=runs[0], stages_s={k: round(v, 3) for k, v in stages.items()},
         peak_gpu_gib=max(peaks.values()), stage_peak_gpu_gib={k: round(v, 2) for k, v in peaks.items()}, peak_rss_gib=peak_rss_gib(), dtype="fp8" if a.fp8 else "bf16",

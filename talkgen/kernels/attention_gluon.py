@@ -739,6 +739,8 @@ if GLUON_AVAILABLE:
             mbarrier.init(kv_empty.index(i), count=Q_TILES)  # one arrive per consumer partition
         fence_async_shared()  # barrier initialisation visible to the TMA unit before any copy
 
+        # One call per partition layout, the argument lists written out in each: a tuple built once in
+        # the kernel body would turn its constexpr members into tensors.
         if FA3_LOOP and NAMED_READY:
             gl.warp_specialize(
                 [
@@ -1044,8 +1046,8 @@ if GLUON_AVAILABLE:
             mbarrier.init(kv_empty.index(i), count=2)  # one arrive per consumer partition
         fence_async_shared()
 
-        # (Argument tuples cannot be built once and shared: a tuple made in the kernel body turns its
-        # constexpr members into tensors.)
+        # The argument lists written out per call, as in _attn_fwd_hopper (constexprs in a shared tuple
+        # would become tensors).
         if NAMED_SYNC:
             gl.warp_specialize(
                 [

@@ -56,6 +56,8 @@ def main() -> int:
                            "fp8fast-ldst": kernels.attention_fp8(q, k, v, kernels.FP8_FAST_CONFIG.portable())}
                 if gluon:
                     results["bf16-gluon"] = attention_gluon.attention_bf16_gluon(q, k, v)
+                    results["fp8fast-gluon"] = attention_gluon.attention_fp8_gluon(
+                        q, k, v, attention_gluon.FP8_DEFAULT_CONFIG)
             finally:
                 torch.empty = real_empty
             for name, out in results.items():
@@ -73,7 +75,7 @@ def main() -> int:
 
     q, k, v = make_qkv("dit", 1, 4, 8192, 128, seed=7)
     ref = reference(q, k, v)
-    for setting in ("triton", "triton-fp8", "triton-fp8-fast") + (("gluon",) if gluon else ()):
+    for setting in ("triton", "triton-fp8", "triton-fp8-fast") + (("gluon", "gluon-fp8") if gluon else ()):
         os.environ["TALKGEN_ATTENTION"] = setting
         torch._dynamo.reset()
 
@@ -85,7 +87,8 @@ def main() -> int:
         eager = block(q, k, v)
         err = rel_err((out - 1.0).view(1, 8192, 4, 128).transpose(1, 2), ref)
         same = (out - eager).abs().max().item()
-        ok = err <= {"triton": 1e-2, "gluon": 1e-2, "triton-fp8": 3e-2, "triton-fp8-fast": 3.5e-2}[setting] and same <= 1e-2
+        ok = err <= {"triton": 1e-2, "gluon": 1e-2, "triton-fp8": 3e-2, "triton-fp8-fast": 3.5e-2,
+                     "gluon-fp8": 3.5e-2}[setting] and same <= 1e-2
         print(f"{'ok  ' if ok else 'FAIL'} torch.compile fullgraph, {setting}: err {err:.2e}, "
               f"|compiled - eager| {same:.1e}")
         if not ok:

@@ -3,16 +3,16 @@
 # GPU check, then the ping-pong Gluon variants (bf16: correctness, then speed against SDPA in the
 # same process), every 8-bit one (the same plus the tl 8-bit kernel) and the tl kernels against
 # SDPA, at the 480p and 720p token counts. Each step in its own process under its own time limit and the overall
-# deadline; logs and JSON under $OUT. Written on 2026-12-06 after that day's GPU time was spent: its
-# steps ran separately that day, the script as a whole not yet.
+# deadline; logs and JSON under $OUT. Its steps ran separately on 2026-12-06 (check_attention 56 s,
+# two bf16 variants ~70 s, two 8-bit ones ~40 s), the script as a whole not yet.
 #
 #   bash benchmarks/run_gpu_kernels.sh   # carried: .whl/ and .whl_ao/ (benchmarks/fetch_gpu_wheels.sh)
 source "$(dirname "$0")/gpu_common.sh"
 
 step check_attention 130 python3 benchmarks/check_attention.py
-# the FA3-loop / ping-pong variants (indices 0-5 of VARIANTS); --all or no --variants for the rest
+# the FA3-loop / ping-pong variants (indices 0-5 of VARIANTS, ppns-lr the default); --all or no --variants for the rest
 step gluon_bf16 200 python3 benchmarks/bench_attention_gluon.py --variants 0 1 2 3 4 5
-step gluon_fp8 150 python3 benchmarks/bench_attention_gluon.py --fp8
+step gluon_fp8 170 python3 benchmarks/bench_attention_gluon.py --fp8
 step triton_kernels 90 python3 benchmarks/bench_attention.py
 
 grep -E "^(ok|FAIL)" "$OUT/check_attention.log" | cut -c1-4 | sort | uniq -c

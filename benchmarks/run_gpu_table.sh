@@ -17,7 +17,7 @@ step clip_stream12 150 python3 benchmarks/bench_clip.py --steps 4 --text-scale 1
   --memory stream-blocks --vram-budget 12
 step clip_fp8 130 python3 benchmarks/bench_clip.py --steps 4 --text-scale 1 --audio-scale 2 --shift 2 --fp8
 # Last, skipped when the deadline is near: the fp8 step with the opt-in 8-bit attention kernel as well.
-step dit_fp8_attention 110 env TALKGEN_ATTENTION=triton-fp8-fast python3 benchmarks/bench_dit.py --people 1 --compile \
+step dit_fp8_attention 110 env TALKGEN_ATTENTION=gluon-fp8 python3 benchmarks/bench_dit.py --people 1 --compile \
   --no-batched --fp8 --tag _fp8attn
 
 for f in "$OUT"/*.json; do echo "== $(basename "$f")"; cat "$f"; echo; done > "$OUT/results.txt"

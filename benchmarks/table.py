@@ -33,7 +33,7 @@ def verdict(ok: bool | None) -> str:
 def rows(folder: Path) -> list[list[str]]:
     floor, reference = load(folder, "floor"), load(folder, "reference_step_3p_1h")
     bf16, fp8 = load(folder, "dit_compiled_1p"), load(folder, "dit_compiled_1p_fp8")
-    fp8_attention = load(folder, "dit_fp8attn_compiled_1p_fp8")  # opt-in: TALKGEN_ATTENTION=triton-fp8-fast
+    fp8_attention = load(folder, "dit_fp8attn_compiled_1p_fp8")  # opt-in: TALKGEN_ATTENTION=gluon-fp8 (run_gpu_table.sh)
     clip = load(folder, "clip_4steps_2nfe_fp8")
     small = load(folder, "clip_4steps_2nfe_stream-blocks")
     floor_step = floor and floor["step3_floor_s"]

@@ -27,7 +27,7 @@ def test_module_imports_and_reports_gluon():
     assert isinstance(module.GLUON_AVAILABLE, bool)
     assert module.VARIANTS and module.DEFAULT_CONFIG in module.VARIANTS
     # the model's default is the variant measured fastest on the H100 (docs/performance.md)
-    assert module.DEFAULT_CONFIG.name == "ws-split-ppns-m128-n128-s3-w4"
+    assert module.DEFAULT_CONFIG.name == "ws-split-ppns-lr-m128-n128-s3-w4"
     assert len({cfg.name for cfg in module.VARIANTS}) == len(module.VARIANTS)
 
 
@@ -161,6 +161,64 @@ def test_variants_compile_for_hopper(tmp_path, monkeypatch):
             assert ptx.count("mbarrier.try_wait") == 3, f"{cfg.name}: a consumer still waits on an mbarrier"
             assert len(re.findall(r"bar\.sync\s+%r\d+, 160", ptx)) == 4, f"{cfg.name}: ready syncs missing"
             assert len(re.findall(r"bar\.arrive\s+%r\d+, 160", ptx)) == 2, f"{cfg.name}: ready arrives missing"
+        _check_lazy_rescale(cfg, ptx)
+
+
+def _check_lazy_rescale(cfg, ptx: str) -> None:
+    """Conditional rescaling: each consumer's two rescales of O (in the loop and before the last
+    P V) are the inline-PTX block that tests both of a thread's row alphas against 1.0 and branches
+    over the 64 multiplies; without it, no such block."""
+    blocks = ptx.count("bra SKIP_RESCALE;")
+    if cfg.lazy_rescale:
+        assert blocks == 4, f"{cfg.name}: {blocks} lazy rescale blocks, expected 2 per consumer"
+        assert ptx.count("setp.neu.or.f32 need,") == 4, cfg.name
+    else:
+        assert blocks == 0, cfg.name
+
+
+def test_lazy_rescale_keeps_p_in_range():
+    """The threshold bounds P: bf16 P <= 2^8 (far inside its range); the 8-bit kernel's e4m3 P,
+    already shifted by 2^P_SHIFT, must stay under e4m3's largest value, 448."""
+    if not attention_gluon.GLUON_AVAILABLE:
+        pytest.skip("Gluon not importable")
+    threshold = attention_gluon.RESCALE_THRESHOLD.value
+    assert 0 < threshold <= 8
+    for cfg in attention_gluon.FP8_VARIANTS:
+        attention_gluon._validate_fp8(cfg)
+        if cfg.lazy_rescale:
+            assert 2 ** (cfg.p_shift + cfg.rescale_threshold) <= 448, cfg.name
+    with pytest.raises(ValueError, match="e4m3"):
+        attention_gluon._validate_fp8(attention_gluon.Fp8Config(lazy_rescale=True, rescale_threshold=1.0))
+
+
+def test_lazy_online_softmax_is_exact():
+    """The conditional-rescaling rule of ``_softmax_core`` (a row's max moves only when a block
+    raises it by more than the threshold), emulated block by block in float64 on scores that keep
+    rising, so both branches run: the result is softmax(S) V, as with the exact running max."""
+    import torch
+
+    torch.manual_seed(0)
+    rows, keys, block, threshold = 16, 1024, 128, 8.0
+    s = torch.randn(rows, keys, dtype=torch.float64) * 3 + torch.linspace(0, 40, keys, dtype=torch.float64)
+    v = torch.randn(keys, 32, dtype=torch.float64)
+    m = torch.full((rows,), -float("inf"), dtype=torch.float64)
+    l = torch.zeros(rows, dtype=torch.float64)
+    o = torch.zeros(rows, 32, dtype=torch.float64)
+    moved = 0
+    for j in range(0, keys, block):
+        blk = s[:, j:j + block]
+        row_max = blk.max(dim=1).values
+        m_new = torch.where(row_max > m + threshold, row_max, m)
+        moved += int((m_new != m).sum())
+        p = torch.exp2(blk - m_new[:, None])
+        assert p.max() <= 2 ** threshold
+        alpha = torch.exp2(m - m_new)
+        l = l * alpha + p.sum(dim=1)
+        o = o * alpha[:, None] + p @ v[j:j + block]
+        m = m_new
+    expected = torch.softmax(s * math.log(2), dim=1) @ v
+    assert rows < moved < rows * keys // block  # the max moved after the first block, but not always
+    assert torch.allclose(o / l[:, None], expected, rtol=1e-12, atol=1e-12)
 
 
 def test_auto_falls_back_to_sdpa_when_the_kernel_fails(monkeypatch):
@@ -355,3 +413,4 @@ def test_fp8_variants_compile_for_hopper(tmp_path, monkeypatch):
             assert len(arms) == 2, f"{cfg.name}: {len(arms)} 'wait all but one' in the SASS, expected 2"
             for arm in arms:
                 assert arm.split("W")[0].count("e") >= cfg.block_n // 4, f"{cfg.name}: P V wait hoisted"
+        _check_lazy_rescale(cfg, ptx)

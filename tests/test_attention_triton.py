@@ -159,7 +159,7 @@ def test_backend_setting(monkeypatch):
 
     monkeypatch.delenv("TALKGEN_ATTENTION", raising=False)
     assert attn.backend_setting() == "auto"
-    for value in ("sdpa", "triton", "gluon", "triton-fp8", "triton-fp8-fast", "AUTO"):
+    for value in ("sdpa", "triton", "gluon", "triton-fp8", "triton-fp8-fast", "gluon-fp8", "AUTO"):
         monkeypatch.setenv("TALKGEN_ATTENTION", value)
         assert attn.backend_setting() == value.lower()
         assert attn.resolve_backend("cpu") == "sdpa"  # CPU runs always use SDPA
@@ -180,7 +180,7 @@ def test_attention_uses_sdpa_on_cpu(monkeypatch):
     monkeypatch.setattr(attn, "_fits_triton", lambda q, k, v: True)  # the backend choice decides alone
     monkeypatch.setattr(attn, "flash_attention", lambda *args: triton_calls.append(args[-1]))
     q, k, v = _qkv(1, 2, 64, dtype=torch.bfloat16)
-    for value in ("auto", "triton", "gluon", "triton-fp8", "triton-fp8-fast"):
+    for value in ("auto", "triton", "gluon", "triton-fp8", "triton-fp8-fast", "gluon-fp8"):
         monkeypatch.setenv("TALKGEN_ATTENTION", value)
         assert torch.equal(attn.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
     assert triton_calls == []
@@ -195,9 +195,9 @@ def test_bad_setting_refused_when_the_model_loads(monkeypatch, tmp_path):
     from talkgen.pipeline.pipeline import Pipeline
 
     monkeypatch.setenv("TALKGEN_ATTENTION", "flash")
-    with pytest.raises(TalkgenError, match="TALKGEN_ATTENTION='flash'.*auto, sdpa, triton, gluon, triton-fp8, triton-fp8-fast"):
+    with pytest.raises(TalkgenError, match="TALKGEN_ATTENTION='flash'.*auto, sdpa, triton, gluon, triton-fp8, triton-fp8-fast, gluon-fp8"):
         attn.check_backend("cpu")
-    with pytest.raises(TalkgenError, match="TALKGEN_ATTENTION='flash'.*auto, sdpa, triton, gluon, triton-fp8, triton-fp8-fast"):
+    with pytest.raises(TalkgenError, match="TALKGEN_ATTENTION='flash'.*auto, sdpa, triton, gluon, triton-fp8, triton-fp8-fast, gluon-fp8"):
         Pipeline.from_pretrained(tmp_path / "tiny", "tiny", device="cpu")
     assert not (tmp_path / "tiny").exists()  # refused before the tiny weights were even written
     monkeypatch.setenv("TALKGEN_ATTENTION", "triton")

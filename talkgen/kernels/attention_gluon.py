@@ -67,7 +67,8 @@ as SDPA's). TFLOP/s (x SDPA), three runs on three machines; the first four rows 
 run, in one call:
 
     variant                         L = 32,928     L = 75,600
-    ws-split-ppns-m128-n128-s3-w4   624 (1.085)    610 (1.083)   <- DEFAULT_CONFIG
+    ws-split-ppns-lr-m128-n128-s3-w4  690 (1.197)  671 (1.195)   <- DEFAULT_CONFIG (a later run)
+    ws-split-ppns-m128-n128-s3-w4   624 (1.085)    610 (1.083)   (630-634 / 614-616 in later runs)
     ws-split-ppnr-m128-n128-s3-w4   609 (1.051)    613 (1.086)
     ws-split-ppn-m128-n128-s3-w4    621 (1.090)    602 (1.073)   (620 / 609 in the run before)
     ws-split-pp-m128-n128-s3-w4     607 (1.052)    590 (1.045)   (616 / 595 in the first run)
@@ -79,6 +80,23 @@ run, in one call:
     ws-m128-n128-s2-w8              513 (0.865)    499 (0.871)
     inline-m128-n128-s2-w8          406 (0.688)    408 (0.704)
 
+``ppns-lr`` (``lazy_rescale``, FlashAttention-4's conditional rescaling) is the default since
+(same process as ``ppns`` at 634 / 615). Why it pays: an Nsight Compute source-level profile of
+``ppns`` (PC sampling per SASS instruction) showed each consumer warp busy ~90 % of the time with
+its own instruction stream (HGMMA issue 23 %, MUFU 23 %, FMNMX 15 %), waiting for its S product
+only ~5 % and for its turn ~4 %: the consumer's serial path from "S_j done" to "next GEMMs issued"
+is the limit, and each instruction taken out of it counts. The 64 FMULs per thread that rescale O
+every K tile were worth 7.6 % (timed with the rescale deleted: 678 against 630 TFLOP/s). With
+``lazy_rescale`` a row's max moves only when a tile raises it by more than 8 (log2 units), so alpha
+is exactly 1 for nearly every tile after the first and an inline-PTX block branches over the
+multiplies (ptxas keeps the S issue before the branch). Tried the same day and slower or equal,
+not kept: the row max / row sum as reduction trees with a per-thread partial sum (FA3's; 627 / 598
+against 633 / 616), a quarter / an eighth / half of the exp2s computed on the FMA pipe with a
+degree-3 polynomial (FA4's MUFU offload: 613 / 634 / 576 against 630: the MUFU is not the limit,
+extra instructions are), the row sums on the tensor cores (P times a block of ones, issued with
+P V: 628 / 609, with lazy rescaling 658 / 636, and it spilled). In the DiT, on one machine:
+2.924 s per NFE with ``ppns-lr`` against 3.042 with ``ppns`` (-3.9 %).
+
 The ``ppn`` variant (``named_turns``, added after an Nsight Compute profile of ``pp`` showed warps
 stalled at partition barriers 30 % of the time) hands the turn over with hardware named barriers as
 FA3 does (``bar.sync`` to take it, non-blocking ``bar.arrive`` to pass it) instead of mbarriers,
@@ -89,22 +107,25 @@ partition barrier per K/V tile, the one Triton puts before each ``mbarrier.wait`
 tile's TMA completion through named barriers: the consumer loop's SASS has no partition barrier
 left. Each step removed barriers from the SASS; the speed moved by 1-2 % per step, within the
 spread between processes: in the DiT, ``ppns`` against ``ppn`` in one call, 3.036 against 3.076 s
-per NFE (1.3 %). So those barriers were not what separates this kernel from FA3's ~740 TFLOP/s.
+per NFE (1.3 %). So those barriers were not what separates this kernel from FA3's ~740 TFLOP/s
+(the conditional rescaling above was).
 
 Ping-pong pays only with a third K/V stage: with two, a consumer waiting for its turn also holds
 the slot the producer needs next. The fenced FA3 loop alone (no ping-pong) is slower than the
 original loop: keeping the softmax between the two waits lengthens each consumer's critical path
-when nothing else fills the tensor cores. FlashAttention-3 reaches ~740 TFLOP/s at this shape; the
-gap (and the issue's 1.15x) is not closed. The Gluon API is experimental and changes between Triton
+when nothing else fills the tensor cores. FlashAttention-3 reaches ~740 TFLOP/s at this shape
+(its published figure); ``ppns-lr`` reaches 671-690 here, 1.2x SDPA. The Gluon API is experimental and changes between Triton
 releases; the two renames between 3.6 and 3.9 (TMA load, CTA barrier) are resolved at import
 (``_tma_load``, ``_cta_barrier``), and ``talkgen.models.attention`` falls back to SDPA when the kernel
 fails to compile under ``auto``.
 
 8-bit variants (``attention_fp8_gluon``, ``FP8_VARIANTS``; first GPU run 2026-12-06, H100: correct,
 2.5e-2 on DiT-like inputs with int8 scores, 679-709 TFLOP/s bf16-equivalent with the mbarrier
-hand-over, 715 / 730 at 32,928 / 75,600 tokens with the named-barrier one = 0.96-0.99x the tl
-kernel below in the same process, so none is used by the model; figures in docs/performance.md;
-``fp8-ppns``, the bf16 default's scheme, is compile-checked only). SageAttention-2's
+hand-over, 715 / 730 at 32,928 / 75,600 tokens with the named-barrier one, 728 / 749 with the bf16
+default's ``ppns`` scheme = 0.96-1.0x the tl kernel below in the same process; with conditional
+rescaling (``fp8-ppns-lr``, P <= 2^8.5 so that e4m3 cannot saturate) 794-802 / 809-812 =
+1.07-1.08x the tl kernel: ``TALKGEN_ATTENTION=gluon-fp8``, opt-in; figures in
+docs/performance.md). SageAttention-2's
 arithmetic, as the tl kernel's ``attention_fp8(..., FP8_FAST_CONFIG)`` (713-762 TFLOP/s
 bf16-equivalent, 2.5e-2 relative error on DiT-like inputs), on the ping-pong layout above:
 ``attention_triton.quantize_qkv`` (int8 Q per token, int8 K per 128-key block after subtracting
@@ -130,6 +151,8 @@ import torch
 from talkgen.kernels.layout import view_2d
 
 LOG2E = 1.4426950408889634
+P_SHIFT_DEFAULT = 8.0  # the 8-bit kernel's e4m3 P is 2^8 * exp2(s - m), as in attention_triton (its P_SHIFT)
+E4M3_MAX = 448.0
 
 try:  # Gluon (Triton >= 3.4) with the Hopper module; absent on older Tritons and some platforms
     import triton
@@ -192,6 +215,10 @@ class Config:
     # partition barrier Triton puts before every ``mbarrier.wait`` (one per tile with
     # named_release) goes too; the waits and their barriers move to a warp that has nothing else to do.
     named_ready: bool = False
+    # FA3 loop: FlashAttention-4's conditional rescaling. A row's running max moves only when a K
+    # tile raises it by more than RESCALE_THRESHOLD (2^8 in P); otherwise alpha is 1 and the
+    # consumer branches over O's 64 multiplies per thread (``_rescale``).
+    lazy_rescale: bool = False
 
     @property
     def name(self) -> str:
@@ -201,6 +228,7 @@ class Config:
             kind += named if self.named_turns else "-pp"
         elif self.fa3_loop:
             kind += "-fa3"
+        kind += "-lr" if self.lazy_rescale else ""
         return f"{kind}-m{self.block_m}-n{self.block_n}-s{self.stages}-w{self.num_warps}"
 
 
@@ -219,6 +247,10 @@ VARIANTS: tuple[Config, ...] = (
     # has no mbarrier operation (and so no partition barrier) left.
     Config(split_consumers=True, num_warps=4, block_n=128, stages=3, fa3_loop=True, pingpong=True, named_turns=True,
            named_release=True, named_ready=True),
+    # ... and conditional O rescaling (FlashAttention-4's): O's multiplies are branched over while no
+    # row max moves by more than RESCALE_THRESHOLD.
+    Config(split_consumers=True, num_warps=4, block_n=128, stages=3, fa3_loop=True, pingpong=True, named_turns=True,
+           named_release=True, named_ready=True, lazy_rescale=True),
     # Ping-pong with the best measured tile of the old loop (64 keys, 4 stages).
     Config(split_consumers=True, num_warps=4, block_n=64, stages=4, fa3_loop=True, pingpong=True),
     # FA3 loop without ping-pong: separates the two changes (compare with the first and with
@@ -239,7 +271,7 @@ VARIANTS: tuple[Config, ...] = (
 # through named barriers: 624 / 610 TFLOP/s at 32,928 / 75,600 tokens = 1.08x SDPA on an H100, and
 # in the DiT 3.036 s per NFE against 3.076 s for ``ppn`` in the same call (2026-12-06,
 # benchmarks/bench_attention_gluon.py and bench_dit.py).
-DEFAULT_CONFIG = next(cfg for cfg in VARIANTS if cfg.name == "ws-split-ppns-m128-n128-s3-w4")
+DEFAULT_CONFIG = next(cfg for cfg in VARIANTS if cfg.name == "ws-split-ppns-lr-m128-n128-s3-w4")
 
 
 @dataclass(frozen=True)
@@ -262,18 +294,28 @@ class Fp8Config:
     # warp relaying the TMA completions (``Config.named_release`` + ``named_ready``, the bf16
     # default's scheme); at most 3 stages.
     named_sync: bool = False
+    # Conditional O rescaling (``Config.lazy_rescale``): the row max moves only when a K tile raises
+    # it by more than rescale_threshold. P = 2^p_shift * exp2(score - m) must stay within e4m3's
+    # 448 = 2^8.8, so p_shift + rescale_threshold <= 8.8 (``_validate_fp8``).
+    lazy_rescale: bool = False
+    rescale_threshold: float = 0.5
+    p_shift: float = P_SHIFT_DEFAULT
 
     @property
     def name(self) -> str:
         qk = "i8qk" if self.qk_int8 else "e4qk"
         pp = ("ppns" if self.named_sync else "ppn") if self.named_turns else "pp"
+        if self.lazy_rescale:
+            pp += "-lr" if self.rescale_threshold == 0.5 else f"-lr{self.rescale_threshold:g}"
+        pp += "" if self.p_shift == P_SHIFT_DEFAULT else f"-p{self.p_shift:g}"
         return f"fp8-{pp}-{qk}-m{self.block_m}-n{self.block_n}-s{self.stages}-w{self.num_warps}"
 
 
 # The 8-bit variants (measured 2026-12-06 on an H100, int8 / e4m3 / int8 6 stages / int8 named
-# hand-over: 686 / 758 / 700 / 715 TFLOP/s at 32,928 tokens, errors 2.5e-2 / 6.2e-2 / 2.5e-2 /
-# 2.5e-2 on DiT-like inputs). None is used by the model: the tl ``triton-fp8-fast`` kernel is as
-# accurate and a little faster (744-746 in the same processes). 8-bit tiles are half
+# hand-over / ppns / ppns-lr / ppns-lr1.5-p7: 686 / 758 / 700 / 715 / 728 / 794-802 / 803 TFLOP/s at
+# 32,928 tokens, errors 2.5e-2 / 6.2e-2 / 2.5e-2 / 2.5e-2 / 2.5e-2 / 2.5e-2 / 2.5e-2 on DiT-like
+# inputs; the tl ``triton-fp8-fast`` kernel 744-748 in the same processes). The lazy-rescale ones
+# are the first faster than the tl kernel; FP8_DEFAULT_CONFIG below is opt-in. 8-bit tiles are half
 # the bytes of bf16 ones, so a 128-key K/V stage is 32 KB (K 128 x 128 + V^T 128 x 128 bytes) and a
 # 4-stage ring + Q (16 KB) takes 144 KB of the 227 KB.
 FP8_VARIANTS: tuple[Fp8Config, ...] = (
@@ -289,42 +331,64 @@ FP8_VARIANTS: tuple[Fp8Config, ...] = (
     # row in the same call (+5 %), 0.96 / 0.99x triton-fp8-fast.
     Fp8Config(block_n=128, stages=4, qk_int8=True, named_turns=True),
     # int8, the bf16 default's scheme: no mbarrier operation in the consumer loop (3 stages: the
-    # named-barrier rotations allow no more). Compile-checked only.
+    # named-barrier rotations allow no more): 728-729 / 744-749 TFLOP/s, +2 % over the row above.
     Fp8Config(block_n=128, stages=3, qk_int8=True, named_turns=True, named_sync=True),
+    # ... and conditional O rescaling: P <= 2^8.5 (threshold 0.5), or P shifted by 2^7 only and a
+    # threshold of 1.5 (fewer rescales, P resolved down to 2^-16 of the row max instead of 2^-17).
+    Fp8Config(block_n=128, stages=3, qk_int8=True, named_turns=True, named_sync=True, lazy_rescale=True),
+    Fp8Config(block_n=128, stages=3, qk_int8=True, named_turns=True, named_sync=True, lazy_rescale=True,
+              rescale_threshold=1.5, p_shift=7.0),
 )
+
+# What TALKGEN_ATTENTION=gluon-fp8 uses (opt-in): 794-802 / 809-812 TFLOP/s bf16-equivalent at
+# 32,928 / 75,600 tokens (two runs, the quantization pass included), 1.065-1.08x the tl kernel
+# triton-fp8-fast in the same processes, the same errors (2.5e-2 on DiT-like inputs; 2026-12-06,
+# H100, benchmarks/bench_attention_gluon.py --fp8). ``lr1.5-p7`` measured 803 / 819 once, with a
+# little more error (2.54e-2), and has not been through check_attention.
+FP8_DEFAULT_CONFIG = next(cfg for cfg in FP8_VARIANTS if cfg.name == "fp8-ppns-lr-i8qk-m128-n128-s3-w4")
 
 # ------------------------------------------------------------------------------------------------
 # Device code
 
 if GLUON_AVAILABLE:
+    # lazy_rescale: how far (log2 units) a K tile's row max may exceed the running max before the
+    # max moves and O is rescaled; P then stays <= 2^8 (FlashAttention-4 uses the same bound).
+    RESCALE_THRESHOLD = gl.constexpr(8.0)
 
     @gluon.jit
-    def _online_softmax(s, m_i, l_i, qk_scale, n0, L, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+    def _online_softmax(s, m_i, l_i, qk_scale, n0, L, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
+                        LAZY: gl.constexpr = False):
         """One block of the online softmax in base 2: P = exp2(S * scale - m), the running max m,
-        sum l and the factor alpha that rescales what O accumulated so far."""
+        sum l and the factor alpha that rescales what O accumulated so far (``_softmax_core``). The
+        -inf of masked columns stays -inf in the FMA s * scale - m, so their p is 0."""
         if n0 + BLOCK_N > L:  # only the last K tile reaches past the sequence: mask it
             cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             s = gl.where(gl.expand_dims(cols < L, 0), s, -float("inf"))
-        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
-        # One FMA per score: s * scale - m (the -inf of masked columns stays -inf -> p = 0).
-        p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
-        alpha = gl.exp2(m_i - m_new)  # m_i = -inf on the first block: alpha = 0
-        l_i = l_i * alpha + gl.sum(p, axis=1)
-        return p, m_new, l_i, alpha
+        return _softmax_core(s, m_i, l_i, qk_scale, LAZY)
 
     @gluon.jit
-    def _softmax_core(s, m_i, l_i, qk_scale):
+    def _softmax_core(s, m_i, l_i, qk_scale, LAZY: gl.constexpr = False):
         """Online softmax of one (already masked) block, base 2: per score one FMNMX (row max of the
         raw scores, scaled once per row), one FFMA (s * scale - m), one MUFU.EX2, one FADD (row sum);
-        the bf16 packing (F2FP, one per two scores) follows at the P V issue."""
-        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+        the bf16 packing (F2FP, one per two scores) follows at the P V issue.
+
+        ``LAZY`` (FlashAttention-4's conditional rescaling): a row's running max moves only when the
+        block's max exceeds it by more than ``RESCALE_THRESHOLD``; otherwise P is taken against the
+        old max (p <= 2^8, exact in fp32 and as exact in bf16 as any p <= 1) and alpha is exactly 1,
+        so ``_rescale`` can skip O."""
+        row_max = gl.max(s, axis=1) * qk_scale
+        if LAZY:
+            m_new = gl.where(row_max > m_i + RESCALE_THRESHOLD, row_max, m_i)  # m_i = -inf: row_max
+        else:
+            m_new = gl.maximum(m_i, row_max)
         p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
-        alpha = gl.exp2(m_i - m_new)  # m_i = -inf on the first block: alpha = 0
+        alpha = gl.exp2(m_i - m_new)  # m_i = -inf on the first block: alpha = 0; unchanged m: 1
         l_i = l_i * alpha + gl.sum(p, axis=1)
         return p, m_new, l_i, alpha
 
     @gluon.jit
-    def _online_softmax_fenced(s, m_i, l_i, qk_scale, n0, L, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+    def _online_softmax_fenced(s, m_i, l_i, qk_scale, n0, L, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
+                               LAZY: gl.constexpr = False):
         """``_online_softmax`` with the whole softmax inside both arms of the masking branch (two
         copies in the code). The point is the join block after it: ptxas hoists a
         ``wgmma.wait_group`` freely within a basic block (nothing in the PTX ties it to the
@@ -334,9 +398,9 @@ if GLUON_AVAILABLE:
         if n0 + BLOCK_N > L:  # only the last K tile reaches past the sequence: mask it
             cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             s = gl.where(gl.expand_dims(cols < L, 0), s, -float("inf"))
-            p, m_new, l_new, alpha = _softmax_core(s, m_i, l_i, qk_scale)
+            p, m_new, l_new, alpha = _softmax_core(s, m_i, l_i, qk_scale, LAZY)
         else:
-            p, m_new, l_new, alpha = _softmax_core(s, m_i, l_i, qk_scale)
+            p, m_new, l_new, alpha = _softmax_core(s, m_i, l_i, qk_scale, LAZY)
         return p, m_new, l_new, alpha
 
     @gluon.jit
@@ -578,12 +642,50 @@ if GLUON_AVAILABLE:
         if not (NAMED and ME == 1):
             _pass_turn(turn, ME, PINGPONG, NAMED, NUM_WARPS)
 
+    @gluon.constexpr_function
+    def _lazy_rescale_asm(n):
+        """PTX for ``_rescale`` with ``LAZY``, one block per thread over its n accumulator registers:
+        outputs $0..$n-1 are tied to the O inputs $n..$2n-1 (the same registers), $2n..$3n-1 the
+        alphas of each element's row. A thread's registers hold two rows of O: elements 0, 1 row r and
+        2, 3 row r + 8, then the same pattern 8 columns on (the wgmma accumulator layout). When both
+        alphas are 1 the branch skips the n multiplies; the warp runs them if any lane needs them."""
+        n = getattr(n, "value", n)  # a constexpr or a plain int, by Triton version
+        lines = ["{", ".reg .pred need;",
+                 f"setp.neu.f32 need, ${2 * n}, 0f3F800000;",
+                 f"setp.neu.or.f32 need, ${2 * n + 2}, 0f3F800000, need;",
+                 "@!need bra SKIP_RESCALE;"]
+        lines += [f"mul.f32 ${i}, ${n + i}, ${2 * n + i};" for i in range(n)]
+        lines += ["SKIP_RESCALE:", "}"]
+        return "\n".join(lines)
+
+    @gluon.constexpr_function
+    def _lazy_rescale_constraints(n):
+        n = getattr(n, "value", n)  # a constexpr or a plain int, by Triton version
+        return ",".join(["=f"] * n + [str(i) for i in range(n)] + ["f"] * n)
+
+    @gluon.jit
+    def _rescale(o, alpha, LAZY: gl.constexpr):
+        """O *= alpha, row by row (alpha in O's row layout). ``LAZY``: alpha is exactly 1 for rows
+        whose max did not move (``_softmax_core``), and the multiplies are branched over (inline
+        PTX: Gluon has no per-thread branch). Measured before writing this: the 64 multiplies per
+        thread and K tile cost 7 % of the kernel's time (ws-split-ppns at 630 TFLOP/s, without the
+        rescale 678, same process; results wrong, timing only)."""
+        a = gl.expand_dims(alpha, 1)
+        if LAZY:
+            o, a = gl.broadcast(o, a)
+            n: gl.constexpr = o.shape[0] * o.shape[1] // (32 * gl.num_warps())
+            return gl.inline_asm_elementwise(_lazy_rescale_asm(n), _lazy_rescale_constraints(n), [o, a],
+                                             dtype=gl.float32, is_pure=True, pack=n)
+        else:
+            return o * a
+
     @gluon.jit
     def _consumer_fa3(q_desc, k_desc, v_desc, out_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
                       turn, b, h, m0, L, H, qk_scale,
                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                       NUM_WARPS: gl.constexpr, ME: gl.constexpr, PINGPONG: gl.constexpr,
-                      NAMED_TURNS: gl.constexpr, NAMED_RELEASE: gl.constexpr, NAMED_READY: gl.constexpr):
+                      NAMED_TURNS: gl.constexpr, NAMED_RELEASE: gl.constexpr, NAMED_READY: gl.constexpr,
+                      LAZY: gl.constexpr):
         """One 64-row consumer warpgroup with FA3's loop order (``fa3_loop``):
 
             wait K_j, V_{j-1}; [take turn]; issue S_j = Q K_j^T; O *= alpha_{j-1};
@@ -598,7 +700,8 @@ if GLUON_AVAILABLE:
         With ``PINGPONG`` each group of wgmma issues is a turn taken alternately by the two
         consumers (``_take_turn`` / ``_pass_turn``): while one does its softmax the other's GEMMs run.
         Both consumers take the same number of turns (n_blocks + 1), so the last pass only leaves an
-        arrive nobody waits for."""
+        arrive nobody waits for.
+        ``LAZY``: conditional rescaling (``_softmax_core``, ``_rescale``)."""
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
@@ -626,7 +729,7 @@ if GLUON_AVAILABLE:
         s_token = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         _pass_turn(turn, ME, PINGPONG, NAMED_TURNS, NUM_WARPS)
         s = warpgroup_mma_wait(num_outstanding=0, deps=[s_token])
-        p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, qk_scale, 0, L, BLOCK_N, s_layout)
+        p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, qk_scale, 0, L, BLOCK_N, s_layout, LAZY)
 
         for j in range(1, n_blocks):  # turn j
             slot = j % STAGES
@@ -641,12 +744,13 @@ if GLUON_AVAILABLE:
             s_token = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False,
                                     is_async=True)
             # O (all of P_{<j-1} V, waited for) to the running max of block j-1, while S_j runs.
-            o = o * gl.expand_dims(gl.convert_layout(alpha, o_row_layout), 1)
+            o = _rescale(o, gl.convert_layout(alpha, o_row_layout), LAZY)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
             o_token = warpgroup_mma(p_op, v_smem.index(prev), o, is_async=True)
             _pass_turn(turn, ME, PINGPONG, NAMED_TURNS, NUM_WARPS)
             s = warpgroup_mma_wait(num_outstanding=1, deps=[s_token])
-            p, m_i, l_i, alpha = _online_softmax_fenced(s, m_i, l_i, qk_scale, j * BLOCK_N, L, BLOCK_N, s_layout)
+            p, m_i, l_i, alpha = _online_softmax_fenced(s, m_i, l_i, qk_scale, j * BLOCK_N, L, BLOCK_N, s_layout,
+                                                        LAZY)
             # After the branch join: ptxas keeps this wait after the softmax (see the docstring).
             o, p_op = warpgroup_mma_wait(num_outstanding=0, deps=[o_token, p_op])
             if NAMED_RELEASE:
@@ -660,7 +764,7 @@ if GLUON_AVAILABLE:
         if not NAMED_READY:  # else V_last came with the signal for tile ``last``
             mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
         _take_turn(turn, n_blocks, ME, PINGPONG, NAMED_TURNS, NUM_WARPS)
-        o = o * gl.expand_dims(gl.convert_layout(alpha, o_row_layout), 1)
+        o = _rescale(o, gl.convert_layout(alpha, o_row_layout), LAZY)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         o_token = warpgroup_mma(p_op, v_smem.index(last % STAGES), o, is_async=True)
         _pass_last_turn(turn, ME, PINGPONG, NAMED_TURNS, NUM_WARPS)
@@ -699,7 +803,7 @@ if GLUON_AVAILABLE:
                          NUM_WARPS: gl.constexpr, WARP_SPECIALIZE: gl.constexpr, SPLIT_CONSUMERS: gl.constexpr,
                          PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, FA3_LOOP: gl.constexpr,
                          PINGPONG: gl.constexpr, NAMED_TURNS: gl.constexpr, NAMED_RELEASE: gl.constexpr,
-                         NAMED_READY: gl.constexpr):
+                         NAMED_READY: gl.constexpr, LAZY_RESCALE: gl.constexpr):
         """Program (query tile, batch * head). Token n of (b, h) is row b*row_b + h*row_h + n, column
         h*col_h of each tensor's 2-D view (see ``talkgen.kernels.layout.view_2d``).
 
@@ -746,10 +850,12 @@ if GLUON_AVAILABLE:
                 [
                     (_consumer_fa3, (q_desc, k_desc, v_desc, out_ptr, q_smem.index(0), k_smem, v_smem, q_ready,
                                      k_ready, v_ready, kv_empty, turn, b, h, m0, L, H, qk_scale, ROWS, BLOCK_N,
-                                     HEAD_DIM, STAGES, NUM_WARPS, 0, PINGPONG, NAMED_TURNS, NAMED_RELEASE, True)),
+                                     HEAD_DIM, STAGES, NUM_WARPS, 0, PINGPONG, NAMED_TURNS, NAMED_RELEASE, True,
+                                     LAZY_RESCALE)),
                     (_consumer_fa3, (q_desc, k_desc, v_desc, out_ptr, q_smem.index(1), k_smem, v_smem, q_ready,
                                      k_ready, v_ready, kv_empty, turn, b, h, m0 + ROWS, L, H, qk_scale, ROWS, BLOCK_N,
-                                     HEAD_DIM, STAGES, NUM_WARPS, 1, PINGPONG, NAMED_TURNS, NAMED_RELEASE, True)),
+                                     HEAD_DIM, STAGES, NUM_WARPS, 1, PINGPONG, NAMED_TURNS, NAMED_RELEASE, True,
+                                     LAZY_RESCALE)),
                     (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
                                  q_row, q_col, k_row, k_col, v_row, v_col, m0, L, BLOCK_N, STAGES, Q_TILES, True)),
                     (_signaller, (q_ready, k_ready, v_ready, L, BLOCK_N, STAGES)),
@@ -762,10 +868,12 @@ if GLUON_AVAILABLE:
                 [
                     (_consumer_fa3, (q_desc, k_desc, v_desc, out_ptr, q_smem.index(0), k_smem, v_smem, q_ready,
                                      k_ready, v_ready, kv_empty, turn, b, h, m0, L, H, qk_scale, ROWS, BLOCK_N,
-                                     HEAD_DIM, STAGES, NUM_WARPS, 0, PINGPONG, NAMED_TURNS, NAMED_RELEASE, False)),
+                                     HEAD_DIM, STAGES, NUM_WARPS, 0, PINGPONG, NAMED_TURNS, NAMED_RELEASE, False,
+                                     LAZY_RESCALE)),
                     (_consumer_fa3, (q_desc, k_desc, v_desc, out_ptr, q_smem.index(1), k_smem, v_smem, q_ready,
                                      k_ready, v_ready, kv_empty, turn, b, h, m0 + ROWS, L, H, qk_scale, ROWS, BLOCK_N,
-                                     HEAD_DIM, STAGES, NUM_WARPS, 1, PINGPONG, NAMED_TURNS, NAMED_RELEASE, False)),
+                                     HEAD_DIM, STAGES, NUM_WARPS, 1, PINGPONG, NAMED_TURNS, NAMED_RELEASE, False,
+                                     LAZY_RESCALE)),
                     (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
                                  q_row, q_col, k_row, k_col, v_row, v_col, m0, L, BLOCK_N, STAGES, Q_TILES, NAMED_RELEASE)),
                 ],
@@ -817,7 +925,8 @@ if GLUON_AVAILABLE:
     # so the raw 8-bit product only needs one per-row factor per K tile: row_scale = q_scale * sk.
 
     @gluon.jit
-    def _softmax_core_fp8(x, m_i, l_i, row_scale, QK_INT8: gl.constexpr, P_SHIFT: gl.constexpr):
+    def _softmax_core_fp8(x, m_i, l_i, row_scale, QK_INT8: gl.constexpr, P_SHIFT: gl.constexpr,
+                          LAZY: gl.constexpr = 0.0):
         """Online softmax of one (already masked) block of 8-bit scores, base 2, float32 state.
 
         ``x``: int8 path: the float32 whose bits are ``0x4B400000 + s`` with s the int32 product
@@ -831,13 +940,21 @@ if GLUON_AVAILABLE:
         One FFMA per score: x * row_scale - off with off = MAGIC * row_scale + m - P_SHIFT per row.
         The FFMA rounds once, after the exact product; off is rounded to float32, an absolute error
         <= 2^-24 * |off| ~ 2^-24 * 6 * max|score| (|s| < 2^21 < MAGIC / 6): 1e-5 for scores of
-        30 (log2 units), far below e4m3's 2^-4 relative rounding of P."""
+        30 (log2 units), far below e4m3's 2^-4 relative rounding of P.
+        ``LAZY`` > 0: the max moves only by more than ``LAZY`` (``Fp8Config.rescale_threshold``, see
+        ``_softmax_core``)."""
         if QK_INT8:
             # Row max on x (exactly MAGIC + s, monotonic in s), minus MAGIC: exact (Sterbenz).
-            m_new = gl.maximum(m_i, (gl.max(x, axis=1) - 12582912.0) * row_scale)
+            row_max = (gl.max(x, axis=1) - 12582912.0) * row_scale
+        else:
+            row_max = gl.max(x, axis=1) * row_scale
+        if LAZY > 0:
+            m_new = gl.where(row_max > m_i + LAZY, row_max, m_i)  # m_i = -inf: row_max
+        else:
+            m_new = gl.maximum(m_i, row_max)
+        if QK_INT8:
             off = row_scale * 12582912.0 + (m_new - P_SHIFT)
         else:
-            m_new = gl.maximum(m_i, gl.max(x, axis=1) * row_scale)
             off = m_new - P_SHIFT
         # -inf (masked column) * positive scale - off = -inf -> p = 0.
         p = gl.exp2(x * gl.expand_dims(row_scale, 1) - gl.expand_dims(off, 1))
@@ -848,7 +965,7 @@ if GLUON_AVAILABLE:
 
     @gluon.jit
     def _softmax_fp8(s, m_i, l_i, row_scale, n0, L, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
-                     QK_INT8: gl.constexpr, P_SHIFT: gl.constexpr):
+                     QK_INT8: gl.constexpr, P_SHIFT: gl.constexpr, LAZY: gl.constexpr = 0.0):
         """int32 / float32 scores of one K tile -> P (float32, times 2^P_SHIFT) and the new state.
         The whole softmax sits in both arms of the masking branch (the FA3 loop's fence, see
         ``_online_softmax_fenced``): ptxas keeps the P V wait that follows after the exp2s.
@@ -865,9 +982,9 @@ if GLUON_AVAILABLE:
         if n0 + BLOCK_N > L:  # the last K tile: K8 rows past L are zeros (score 0), not -inf: mask
             cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             x = gl.where(gl.expand_dims(cols < L, 0), x, -float("inf"))
-            p, m_new, l_new, alpha = _softmax_core_fp8(x, m_i, l_i, row_scale, QK_INT8, P_SHIFT)
+            p, m_new, l_new, alpha = _softmax_core_fp8(x, m_i, l_i, row_scale, QK_INT8, P_SHIFT, LAZY)
         else:
-            p, m_new, l_new, alpha = _softmax_core_fp8(x, m_i, l_i, row_scale, QK_INT8, P_SHIFT)
+            p, m_new, l_new, alpha = _softmax_core_fp8(x, m_i, l_i, row_scale, QK_INT8, P_SHIFT, LAZY)
         return p, m_new, l_new, alpha
 
     @gluon.jit
@@ -894,7 +1011,8 @@ if GLUON_AVAILABLE:
                       q_ready, k_ready, v_ready, kv_empty, turn, bh, b, h, m0, L, H, LP,
                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                       NUM_WARPS: gl.constexpr, ME: gl.constexpr, QK_INT8: gl.constexpr, P_SHIFT: gl.constexpr,
-                      NAMED_TURNS: gl.constexpr = False, NAMED_SYNC: gl.constexpr = False):
+                      NAMED_TURNS: gl.constexpr = False, NAMED_SYNC: gl.constexpr = False,
+                      LAZY: gl.constexpr = 0.0):
         """One 64-row consumer warpgroup of the 8-bit kernel: ``_consumer_fa3``'s loop with ping-pong
         turns, 8-bit operands (wgmma K = 32 per instruction: ``instr_shape`` [16, N, 32], P's
         register operand packs 4 bytes per 32-bit register: ``k_width=4``):
@@ -942,7 +1060,8 @@ if GLUON_AVAILABLE:
         s_token = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         _pass_turn(turn, ME, True, NAMED_TURNS, NUM_WARPS)
         s = warpgroup_mma_wait(num_outstanding=0, deps=[s_token])
-        p, m_i, l_i, alpha = _softmax_fp8(s, m_i, l_i, q_scale * sk, 0, L, BLOCK_N, s_layout, QK_INT8, P_SHIFT)
+        p, m_i, l_i, alpha = _softmax_fp8(s, m_i, l_i, q_scale * sk, 0, L, BLOCK_N, s_layout, QK_INT8, P_SHIFT,
+                                          LAZY)
 
         for j in range(1, n_blocks):  # turn j
             slot = j % STAGES
@@ -956,14 +1075,14 @@ if GLUON_AVAILABLE:
             _take_turn(turn, j, ME, True, NAMED_TURNS, NUM_WARPS)
             s_token = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False,
                                     is_async=True)
-            o = o * gl.expand_dims(gl.convert_layout(alpha, o_row_layout), 1)
+            o = _rescale(o, gl.convert_layout(alpha, o_row_layout), LAZY > 0)
             # p <= 2^8 < 448: the rounding conversion (cvt.rn.satfinite) never saturates.
             p_op = gl.convert_layout(p.to(p_dtype), p_layout)
             o_token = warpgroup_mma(p_op, v_smem.index(prev).permute((1, 0)), o, is_async=True)
             _pass_turn(turn, ME, True, NAMED_TURNS, NUM_WARPS)
             s = warpgroup_mma_wait(num_outstanding=1, deps=[s_token])
             p, m_i, l_i, alpha = _softmax_fp8(s, m_i, l_i, q_scale * sk, j * BLOCK_N, L, BLOCK_N, s_layout,
-                                              QK_INT8, P_SHIFT)
+                                              QK_INT8, P_SHIFT, LAZY)
             # deps: only the accumulator. Triton (3.6 and 3.9) cannot lower 8-bit register deps
             # ("Unexpected bitwidth in WGMMAWaitGroupOp: 8"). P's registers need no LLVM-level
             # keep-alive: p_op is not used after the issue, its next definition (iteration j + 1)
@@ -982,7 +1101,7 @@ if GLUON_AVAILABLE:
         if not NAMED_SYNC:  # else V_last came with the signal for tile ``last``
             mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
         _take_turn(turn, n_blocks, ME, True, NAMED_TURNS, NUM_WARPS)
-        o = o * gl.expand_dims(gl.convert_layout(alpha, o_row_layout), 1)
+        o = _rescale(o, gl.convert_layout(alpha, o_row_layout), LAZY > 0)
         p_op = gl.convert_layout(p.to(p_dtype), p_layout)
         o_token = warpgroup_mma(p_op, v_smem.index(last % STAGES).permute((1, 0)), o, is_async=True)
         _pass_last_turn(turn, ME, True, NAMED_TURNS, NUM_WARPS)
@@ -1020,7 +1139,7 @@ if GLUON_AVAILABLE:
                              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                              STAGES: gl.constexpr, NUM_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                              CONSUMER_REGS: gl.constexpr, QK_INT8: gl.constexpr, P_SHIFT: gl.constexpr,
-                             NAMED_TURNS: gl.constexpr, NAMED_SYNC: gl.constexpr):
+                             NAMED_TURNS: gl.constexpr, NAMED_SYNC: gl.constexpr, LAZY_RESCALE: gl.constexpr):
         """Program (query tile, batch * head) of the 8-bit kernel: ``_attn_fwd_hopper``'s ping-pong
         layout (producer warp, two 64-row consumer warpgroups taking turns) on 8-bit tiles."""
         pid_m = gl.program_id(0)
@@ -1054,11 +1173,11 @@ if GLUON_AVAILABLE:
                     (_consumer_fp8, (out_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, v_mean_ptr, q_smem.index(0),
                                      k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, turn, bh, b, h, m0, L, H, LP,
                                      ROWS, BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS, 0, QK_INT8, P_SHIFT, NAMED_TURNS,
-                                     True)),
+                                     True, LAZY_RESCALE)),
                     (_consumer_fp8, (out_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, v_mean_ptr, q_smem.index(1),
                                      k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, turn, bh, b, h, m0 + ROWS, L,
                                      H, LP, ROWS, BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS, 1, QK_INT8, P_SHIFT,
-                                     NAMED_TURNS, True)),
+                                     NAMED_TURNS, True, LAZY_RESCALE)),
                     (_producer_fp8, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready,
                                      kv_empty, bh, m0, L, LP, BLOCK_N, STAGES, HEAD_DIM, True)),
                     (_signaller, (q_ready, k_ready, v_ready, L, BLOCK_N, STAGES)),
@@ -1071,11 +1190,12 @@ if GLUON_AVAILABLE:
                 [
                     (_consumer_fp8, (out_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, v_mean_ptr, q_smem.index(0),
                                      k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, turn, bh, b, h, m0, L, H, LP,
-                                     ROWS, BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS, 0, QK_INT8, P_SHIFT, NAMED_TURNS)),
+                                     ROWS, BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS, 0, QK_INT8, P_SHIFT, NAMED_TURNS,
+                                     False, LAZY_RESCALE)),
                     (_consumer_fp8, (out_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, v_mean_ptr, q_smem.index(1),
                                      k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, turn, bh, b, h, m0 + ROWS, L,
                                      H, LP, ROWS, BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS, 1, QK_INT8, P_SHIFT,
-                                     NAMED_TURNS)),
+                                     NAMED_TURNS, False, LAZY_RESCALE)),
                     (_producer_fp8, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready,
                                      kv_empty, bh, m0, L, LP, BLOCK_N, STAGES, HEAD_DIM)),
                 ],
@@ -1109,7 +1229,8 @@ def _constexprs(config: Config, head_dim: int) -> dict:
                 NUM_WARPS=config.num_warps, WARP_SPECIALIZE=config.warp_specialize,
                 SPLIT_CONSUMERS=config.split_consumers, PRODUCER_REGS=config.producer_regs,
                 CONSUMER_REGS=config.consumer_regs, FA3_LOOP=config.fa3_loop, PINGPONG=config.pingpong,
-                NAMED_TURNS=config.named_turns, NAMED_RELEASE=config.named_release, NAMED_READY=config.named_ready)
+                NAMED_TURNS=config.named_turns, NAMED_RELEASE=config.named_release, NAMED_READY=config.named_ready,
+                LAZY_RESCALE=config.lazy_rescale)
 
 
 def _q_block_rows(config: Config) -> int:
@@ -1134,6 +1255,8 @@ def _validate(config: Config) -> None:
         # With a 4th slot, a consumer could release tile t + 2 before the producer syncs for tile t
         # on the same named barrier (see _release_named).
         raise ValueError(f"{config}: named_release needs at most 3 stages")
+    if config.lazy_rescale and not config.fa3_loop:
+        raise ValueError(f"{config}: lazy_rescale exists in the FA3 loop only")
     if config.named_ready and not config.named_release:
         raise ValueError(f"{config}: named_ready needs named_release (the same at-most-3-stages argument)")
 
@@ -1195,7 +1318,7 @@ def compile_for_hopper(config: Config = DEFAULT_CONFIG, head_dim: int = 128, dty
 # ------------------------------------------------------------------------------------------------
 # 8-bit kernel, host side
 
-P_SHIFT = 8.0  # e4m3 P is 2^8 * exp2(s - m), as in attention_triton (its P_SHIFT)
+P_SHIFT = P_SHIFT_DEFAULT  # what emulate_fp8_kernel and the tests assume
 I32_F32_MAGIC = 0x4B400000  # bits of the float 1.5 * 2^23: bits(MAGIC) + s == float(1.5 * 2^23 + s) for |s| < 2^22
 SHARED_LIMIT = 232448  # bytes of shared memory one block may use on an H100
 
@@ -1210,6 +1333,10 @@ def fp8_shared_bytes(config: Fp8Config, head_dim: int = 128) -> int:
 
 
 def _validate_fp8(config: Fp8Config, head_dim: int = 128) -> None:
+    largest_p = 2 ** (config.p_shift + (config.rescale_threshold if config.lazy_rescale else 0.0))
+    if largest_p > E4M3_MAX:
+        raise ValueError(f"{config}: P reaches 2^(p_shift + rescale_threshold) = {largest_p:g}, over e4m3's "
+                         f"{E4M3_MAX:g}")
     if config.block_m != 128 or config.num_warps != 4:
         raise ValueError(f"{config}: the 8-bit kernel has two 64-row consumer warpgroups: block_m 128, num_warps 4")
     if config.block_n not in (64, 128, 256):
@@ -1225,7 +1352,8 @@ def _validate_fp8(config: Fp8Config, head_dim: int = 128) -> None:
 def _fp8_constexprs(config: Fp8Config, head_dim: int) -> dict:
     return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, HEAD_DIM=head_dim, STAGES=config.stages,
                 NUM_WARPS=config.num_warps, PRODUCER_REGS=config.producer_regs, CONSUMER_REGS=config.consumer_regs,
-                QK_INT8=config.qk_int8, P_SHIFT=P_SHIFT, NAMED_TURNS=config.named_turns, NAMED_SYNC=config.named_sync)
+                QK_INT8=config.qk_int8, P_SHIFT=config.p_shift, NAMED_TURNS=config.named_turns,
+                NAMED_SYNC=config.named_sync, LAZY_RESCALE=config.rescale_threshold if config.lazy_rescale else 0.0)
 
 
 def _fp8_layouts(config: Fp8Config, head_dim: int):

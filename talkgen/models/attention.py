@@ -7,12 +7,14 @@ default scale ``1/sqrt(head_dim)``, which is what torch SDPA computes too.
 Self-attention-sized problems (q, k, v of one shape, at least ``MIN_TOKENS`` tokens, head_dim 64 or
 128, bf16/fp16, on a GPU) can run on talkgen's own Triton kernels (:mod:`talkgen.kernels.attention_triton`).
 ``TALKGEN_ATTENTION`` picks: ``auto`` (default: the Gluon kernel on Hopper GPUs when Triton has
-Gluon's Hopper module, measured 1.05-1.09x SDPA on an H100; SDPA elsewhere, and SDPA for the rest of the
+Gluon's Hopper module, measured 1.2x SDPA on an H100; SDPA elsewhere, and SDPA for the rest of the
 process if the Gluon kernel ever fails to compile or launch: Gluon is experimental),
 ``sdpa``, ``triton`` (the bf16 kernel), ``gluon`` (the bf16 kernel in Gluon, Hopper only:
 :mod:`talkgen.kernels.attention_gluon`), ``triton-fp8`` (int8 QK, bf16 PV: 1.11-1.16x SDPA on an
-H100, 1-2.5e-2 relative error instead of SDPA's 2e-3) or ``triton-fp8-fast`` (int8 QK, e4m3 PV:
-1.25-1.32x SDPA, 2-3e-2 on DiT-like inputs, up to 6e-2 on noise). The 8-bit ones are opt-in.
+H100, 1-2.5e-2 relative error instead of SDPA's 2e-3), ``triton-fp8-fast`` (int8 QK, e4m3 PV:
+1.25-1.32x SDPA, 2-3e-2 on DiT-like inputs, up to 6e-2 on noise) or ``gluon-fp8`` (the same
+arithmetic in Gluon, Hopper only: 1.36-1.41x SDPA; head_dim 64 goes to ``triton-fp8-fast``). The
+8-bit ones are opt-in.
 Everything else (cross-attention, the person map, CPU runs) always uses SDPA.
 """
 
@@ -28,7 +30,7 @@ from talkgen.errors import ResourceError, TalkgenError
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "sdpa", "triton", "gluon", "triton-fp8", "triton-fp8-fast")
+BACKENDS = ("auto", "sdpa", "triton", "gluon", "triton-fp8", "triton-fp8-fast", "gluon-fp8")
 MIN_TOKENS = 4096  # shorter problems (text/image/audio cross-attention, the person map) stay on SDPA
 
 
@@ -53,7 +55,8 @@ def _triton_version() -> str | None:
 @torch.compiler.assume_constant_result
 def resolve_backend(device_type: str, device_index: int = 0) -> str:
     """The backend self-attention uses on a device: ``sdpa``, ``triton``, ``gluon``, ``gluon-auto``
-    (the Gluon kernel as ``auto`` chose it: SDPA if it fails), ``triton-fp8`` or ``triton-fp8-fast``.
+    (the Gluon kernel as ``auto`` chose it: SDPA if it fails), ``triton-fp8``, ``triton-fp8-fast`` or
+    ``gluon-fp8``.
     Constant for a process (torch.compile bakes it in)."""
     setting = backend_setting()
     if setting == "sdpa" or device_type != "cuda" or not torch.cuda.is_available():
@@ -68,12 +71,13 @@ def resolve_backend(device_type: str, device_index: int = 0) -> str:
     if _triton_version() is None:
         raise ResourceError(f"TALKGEN_ATTENTION={setting} needs Triton >= 3.4 (pip install 'triton>=3.4'), "
                             "or set TALKGEN_ATTENTION=sdpa.")
-    if setting == "gluon":
+    if setting in ("gluon", "gluon-fp8"):
         from talkgen.kernels.attention_gluon import GLUON_AVAILABLE
 
         if not GLUON_AVAILABLE or torch.cuda.get_device_capability(device_index)[0] != 9:
-            raise ResourceError("TALKGEN_ATTENTION=gluon needs a Hopper GPU (H100/H200) and a Triton with Gluon's "
-                                "Hopper module (>= 3.5); use TALKGEN_ATTENTION=triton or sdpa elsewhere.")
+            other = "triton-fp8-fast" if setting == "gluon-fp8" else "triton"
+            raise ResourceError(f"TALKGEN_ATTENTION={setting} needs a Hopper GPU (H100/H200) and a Triton with "
+                                f"Gluon's Hopper module (>= 3.5); use TALKGEN_ATTENTION={other} or sdpa elsewhere.")
     return setting
 
 
@@ -103,22 +107,27 @@ def describe_backend() -> str:
             "gluon": "talkgen Gluon flash-attention for Hopper, bf16",
             "gluon-auto": "talkgen Gluon flash-attention for Hopper, bf16 (SDPA if it fails)",
             "triton-fp8": "talkgen Triton 8-bit attention (int8 QK, bf16 PV)",
-            "triton-fp8-fast": "talkgen Triton 8-bit attention (int8 QK, fp8 PV)"}[backend]
+            "triton-fp8-fast": "talkgen Triton 8-bit attention (int8 QK, fp8 PV)",
+            "gluon-fp8": "talkgen Gluon 8-bit attention for Hopper (int8 QK, fp8 PV)"}[backend]
     return f"{what} for self-attention, SDPA for the rest (Triton {_triton_version()}, TALKGEN_ATTENTION={setting})"
 
 
 @torch.library.custom_op("talkgen::flash_attention", mutates_args=())
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
     """The Triton kernels as one opaque op, so torch.compile calls them without a graph break.
-    ``backend``: triton, gluon, gluon-auto, triton-fp8 or triton-fp8-fast. Returns [B, H, L, D] as a view of a
-    [B, L, H, D] buffer (``merge_heads`` is then free)."""
+    ``backend``: triton, gluon, gluon-auto, triton-fp8, triton-fp8-fast or gluon-fp8. Returns [B, H, L, D] as
+    a view of a [B, L, H, D] buffer (``merge_heads`` is then free)."""
     from talkgen.kernels import attention_triton as kernels
 
     if backend in ("gluon", "gluon-auto"):
         return _gluon_attention(q, k, v, fallback=backend == "gluon-auto")
+    if backend == "gluon-fp8" and q.shape[-1] == 128:  # the 8-bit Gluon kernel has head_dim 128 only
+        from talkgen.kernels import attention_gluon
+
+        return attention_gluon.attention_fp8_gluon(q, k, v, attention_gluon.FP8_DEFAULT_CONFIG)
     if backend == "triton":
         return kernels.attention_bf16(q, k, v)
-    config = kernels.FP8_FAST_CONFIG if backend == "triton-fp8-fast" else kernels.FP8_CONFIG
+    config = kernels.FP8_FAST_CONFIG if backend in ("triton-fp8-fast", "gluon-fp8") else kernels.FP8_CONFIG
     return kernels.attention_fp8(q, k, v, config)
 
 

@@ -82,7 +82,7 @@ run, in one call:
 
 ``ppns-lr`` (``lazy_rescale``, FlashAttention-4's conditional rescaling) is the default since
 (same process as ``ppns`` at 634 / 615). Why it pays: an Nsight Compute source-level profile of
-``ppns`` (PC sampling per SASS instruction) showed each consumer warp busy ~90 % of the time with
+``ppns`` with a tree-reduction softmax (as fast; PC sampling per SASS instruction) showed each consumer warp busy ~90 % of the time with
 its own instruction stream (HGMMA issue 23 %, MUFU 23 %, FMNMX 15 %), waiting for its S product
 only ~5 % and for its turn ~4 %: the consumer's serial path from "S_j done" to "next GEMMs issued"
 is the limit, and each instruction taken out of it counts. The 64 FMULs per thread that rescale O

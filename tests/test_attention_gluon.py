@@ -176,6 +176,28 @@ def _check_lazy_rescale(cfg, ptx: str) -> None:
         assert blocks == 0, cfg.name
 
 
+@pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+def test_lazy_rescale_refuses_another_register_order(tmp_path, monkeypatch):
+    """The lazy-rescale PTX takes a thread's two row alphas from its elements 0 and 2; the kernel
+    checks at compile time that O's layout puts them there, and refuses to compile otherwise
+    (``auto`` then falls back to SDPA) instead of silently skipping rescales."""
+    from triton.experimental import gluon
+
+    @gluon.constexpr_function
+    def never(reg_bases):
+        return False
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(attention_gluon, "_rows_at_elements_0_and_2", never)
+    with pytest.raises(Exception) as failure:
+        attention_gluon.compile_for_hopper(attention_gluon.DEFAULT_CONFIG)
+    chain, error = [], failure.value
+    while error is not None:  # Triton wraps the assertion in one CompilationError per call frame
+        chain.append(str(error))
+        error = error.__cause__ or error.__context__
+    assert any("register order" in message for message in chain), chain[-1][-500:]
+
+
 def test_lazy_rescale_keeps_p_in_range():
     """The threshold bounds P: bf16 P <= 2^8 (far inside its range); the 8-bit kernel's e4m3 P,
     already shifted by 2^P_SHIFT, must stay under e4m3's largest value, 448."""

@@ -663,6 +663,12 @@ if GLUON_AVAILABLE:
         n = getattr(n, "value", n)  # a constexpr or a plain int, by Triton version
         return ",".join(["=f"] * n + [str(i) for i in range(n)] + ["f"] * n)
 
+    @gluon.constexpr_function
+    def _rows_at_elements_0_and_2(reg_bases):
+        """Register bit 0 of a [rows, cols] linear layout steps one column, bit 1 eight rows."""
+        reg_bases = getattr(reg_bases, "value", reg_bases)
+        return [list(b) for b in reg_bases[:2]] == [[0, 1], [8, 0]]
+
     @gluon.jit
     def _rescale(o, alpha, LAZY: gl.constexpr):
         """O *= alpha, row by row (alpha in O's row layout). ``LAZY``: alpha is exactly 1 for rows
@@ -672,6 +678,12 @@ if GLUON_AVAILABLE:
         rescale 678, same process; results wrong, timing only)."""
         a = gl.expand_dims(alpha, 1)
         if LAZY:
+            # The PTX block reads a thread's two row alphas from elements 0 and 2: register bit 0 must
+            # step one column and bit 1 eight rows (the wgmma accumulator layout); checked when the
+            # kernel compiles, so that another layout fails loudly instead of skipping a rescale.
+            registers: gl.constexpr = gl.to_linear_layout(o.type.layout, o.shape).reg_bases
+            gl.static_assert(_rows_at_elements_0_and_2(registers),
+                             "lazy rescale: O's register order is not the wgmma accumulator's")
             o, a = gl.broadcast(o, a)
             n: gl.constexpr = o.shape[0] * o.shape[1] // (32 * gl.num_warps())
             return gl.inline_asm_elementwise(_lazy_rescale_asm(n), _lazy_rescale_constraints(n), [o, a],

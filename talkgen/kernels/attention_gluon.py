@@ -153,6 +153,9 @@ from talkgen.kernels.layout import view_2d
 LOG2E = 1.4426950408889634
 P_SHIFT_DEFAULT = 8.0  # the 8-bit kernel's e4m3 P is 2^8 * exp2(s - m), as in attention_triton (its P_SHIFT)
 E4M3_MAX = 448.0
+# lazy_rescale (bf16 kernel): how far (log2 units) a K tile's row max may exceed the running max
+# before the max moves and O is rescaled; P then stays <= 2^8 (FlashAttention-4 uses the same bound).
+LAZY_RESCALE_THRESHOLD = 8.0
 
 try:  # Gluon (Triton >= 3.4) with the Hopper module; absent on older Tritons and some platforms
     import triton
@@ -216,7 +219,7 @@ class Config:
     # named_release) goes too; the waits and their barriers move to a warp that has nothing else to do.
     named_ready: bool = False
     # FA3 loop: FlashAttention-4's conditional rescaling. A row's running max moves only when a K
-    # tile raises it by more than RESCALE_THRESHOLD (2^8 in P); otherwise alpha is 1 and the
+    # tile raises it by more than LAZY_RESCALE_THRESHOLD (2^8 in P); otherwise alpha is 1 and the
     # consumer branches over O's 64 multiplies per thread (``_rescale``).
     lazy_rescale: bool = False
 
@@ -248,7 +251,7 @@ VARIANTS: tuple[Config, ...] = (
     Config(split_consumers=True, num_warps=4, block_n=128, stages=3, fa3_loop=True, pingpong=True, named_turns=True,
            named_release=True, named_ready=True),
     # ... and conditional O rescaling (FlashAttention-4's): O's multiplies are branched over while no
-    # row max moves by more than RESCALE_THRESHOLD.
+    # row max moves by more than LAZY_RESCALE_THRESHOLD.
     Config(split_consumers=True, num_warps=4, block_n=128, stages=3, fa3_loop=True, pingpong=True, named_turns=True,
            named_release=True, named_ready=True, lazy_rescale=True),
     # Ping-pong with the best measured tile of the old loop (64 keys, 4 stages).
@@ -351,9 +354,7 @@ FP8_DEFAULT_CONFIG = next(cfg for cfg in FP8_VARIANTS if cfg.name == "fp8-ppns-l
 # Device code
 
 if GLUON_AVAILABLE:
-    # lazy_rescale: how far (log2 units) a K tile's row max may exceed the running max before the
-    # max moves and O is rescaled; P then stays <= 2^8 (FlashAttention-4 uses the same bound).
-    RESCALE_THRESHOLD = gl.constexpr(8.0)
+    RESCALE_THRESHOLD = gl.constexpr(LAZY_RESCALE_THRESHOLD)  # a global a Gluon function may read
 
     @gluon.jit
     def _online_softmax(s, m_i, l_i, qk_scale, n0, L, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,

@@ -1381,7 +1381,8 @@ def attention_fp8_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         config: Fp8Config | None = None) -> torch.Tensor:
     """8-bit (SageAttention-2 style) softmax(q k^T / sqrt(D)) v for bf16/fp16 ``[B, H, L, 128]``
     CUDA tensors on Hopper; returns ``[B, H, L, D]`` in the input dtype (a view of a
-    ``[B, L, H, D]`` buffer). Compile-checked only so far (see the module docstring).
+    ``[B, L, H, D]`` buffer). ``TALKGEN_ATTENTION=gluon-fp8`` calls it with ``FP8_DEFAULT_CONFIG``
+    (GPU figures in the module docstring and docs/performance.md).
 
     Quantization is ``attention_triton.quantize_qkv`` (three small Triton kernels, part of the
     call's time). Its buffers suit TMA descriptors as they are, no adapter: Q8 / K8 are row-major

@@ -271,8 +271,9 @@ VARIANTS: tuple[Config, ...] = (
 
 # What the model uses (talkgen.models.attention): the fastest variant measured on a GPU,
 # ping-pong consumers, a 3-stage ring of 128-key tiles, every hand-over inside the consumer loop
-# through named barriers: 624 / 610 TFLOP/s at 32,928 / 75,600 tokens = 1.08x SDPA on an H100, and
-# in the DiT 3.036 s per NFE against 3.076 s for ``ppn`` in the same call (2026-12-06,
+# through named barriers, O rescaled only when a row max moves by more than 8: 690 / 671 TFLOP/s at
+# 32,928 / 75,600 tokens = 1.2x SDPA on an H100 (ppns: 634 / 615 in the same call), and in the DiT
+# 2.924 s per NFE against 3.042 s with ppns on one machine (2026-12-06,
 # benchmarks/bench_attention_gluon.py and bench_dit.py).
 DEFAULT_CONFIG = next(cfg for cfg in VARIANTS if cfg.name == "ws-split-ppns-lr-m128-n128-s3-w4")
 

@@ -82,8 +82,9 @@ run, in one call:
 
 ``ppns-lr`` (``lazy_rescale``, FlashAttention-4's conditional rescaling) is the default since
 (same process as ``ppns`` at 634 / 615). Why it pays: an Nsight Compute source-level profile of
-``ppns`` with a tree-reduction softmax (as fast; PC sampling per SASS instruction) showed each consumer warp busy ~90 % of the time with
-its own instruction stream (HGMMA issue 23 %, MUFU 23 %, FMNMX 15 %), waiting for its S product
+``ppns`` with a tree-reduction softmax (as fast; PC sampling per SASS instruction) showed each
+consumer warp busy ~90 % of the time with its own instruction stream (HGMMA issue 23 %, MUFU 23 %,
+FMNMX 15 %), waiting for its S product
 only ~5 % and for its turn ~4 %: the consumer's serial path from "S_j done" to "next GEMMs issued"
 is the limit, and each instruction taken out of it counts. The 64 FMULs per thread that rescale O
 every K tile were worth 7.6 % (timed with the rescale deleted: 678 against 630 TFLOP/s). With
@@ -114,10 +115,10 @@ Ping-pong pays only with a third K/V stage: with two, a consumer waiting for its
 the slot the producer needs next. The fenced FA3 loop alone (no ping-pong) is slower than the
 original loop: keeping the softmax between the two waits lengthens each consumer's critical path
 when nothing else fills the tensor cores. FlashAttention-3 reaches ~740 TFLOP/s at this shape
-(its published figure); ``ppns-lr`` reaches 671-690 here, 1.2x SDPA. The Gluon API is experimental and changes between Triton
-releases; the two renames between 3.6 and 3.9 (TMA load, CTA barrier) are resolved at import
-(``_tma_load``, ``_cta_barrier``), and ``talkgen.models.attention`` falls back to SDPA when the kernel
-fails to compile under ``auto``.
+(its published figure); ``ppns-lr`` reaches 671-690 here, 1.2x SDPA. The Gluon API is
+experimental and changes between Triton releases; the two renames between 3.6 and 3.9 (TMA load,
+CTA barrier) are resolved at import (``_tma_load``, ``_cta_barrier``), and
+``talkgen.models.attention`` falls back to SDPA when the kernel fails to compile under ``auto``.
 
 8-bit variants (``attention_fp8_gluon``, ``FP8_VARIANTS``; first GPU run 2026-12-06, H100: correct,
 2.5e-2 on DiT-like inputs with int8 scores, 679-709 TFLOP/s bf16-equivalent with the mbarrier
@@ -940,7 +941,7 @@ if GLUON_AVAILABLE:
 
     @gluon.jit
     def _softmax_core_fp8(x, m_i, l_i, row_scale, QK_INT8: gl.constexpr, P_SHIFT: gl.constexpr,
-                          LAZY: gl.constexpr = 0.0):
+                          LAZY_THRESHOLD: gl.constexpr = 0.0):
         """Online softmax of one (already masked) block of 8-bit scores, base 2, float32 state.
 
         ``x``: int8 path: the float32 whose bits are ``0x4B400000 + s`` with s the int32 product
@@ -955,15 +956,15 @@ if GLUON_AVAILABLE:
         The FFMA rounds once, after the exact product; off is rounded to float32, an absolute error
         <= 2^-24 * |off| ~ 2^-24 * 6 * max|score| (|s| < 2^21 < MAGIC / 6): 1e-5 for scores of
         30 (log2 units), far below e4m3's 2^-4 relative rounding of P.
-        ``LAZY`` > 0: the max moves only by more than ``LAZY`` (``Fp8Config.rescale_threshold``, see
-        ``_softmax_core``)."""
+        ``LAZY_THRESHOLD`` > 0 (``Fp8Config.rescale_threshold`` with ``lazy_rescale``; 0 turns it off):
+        the max moves only by more than that (see ``_softmax_core``)."""
         if QK_INT8:
             # Row max on x (exactly MAGIC + s, monotonic in s), minus MAGIC: exact (Sterbenz).
             row_max = (gl.max(x, axis=1) - 12582912.0) * row_scale
         else:
             row_max = gl.max(x, axis=1) * row_scale
-        if LAZY > 0:
-            m_new = gl.where(row_max > m_i + LAZY, row_max, m_i)  # m_i = -inf: row_max
+        if LAZY_THRESHOLD > 0:
+            m_new = gl.where(row_max > m_i + LAZY_THRESHOLD, row_max, m_i)  # m_i = -inf: row_max
         else:
             m_new = gl.maximum(m_i, row_max)
         if QK_INT8:
@@ -979,7 +980,7 @@ if GLUON_AVAILABLE:
 
     @gluon.jit
     def _softmax_fp8(s, m_i, l_i, row_scale, n0, L, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
-                     QK_INT8: gl.constexpr, P_SHIFT: gl.constexpr, LAZY: gl.constexpr = 0.0):
+                     QK_INT8: gl.constexpr, P_SHIFT: gl.constexpr, LAZY_THRESHOLD: gl.constexpr = 0.0):
         """int32 / float32 scores of one K tile -> P (float32, times 2^P_SHIFT) and the new state.
         The whole softmax sits in both arms of the masking branch (the FA3 loop's fence, see
         ``_online_softmax_fenced``): ptxas keeps the P V wait that follows after the exp2s.
@@ -996,9 +997,9 @@ if GLUON_AVAILABLE:
         if n0 + BLOCK_N > L:  # the last K tile: K8 rows past L are zeros (score 0), not -inf: mask
             cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             x = gl.where(gl.expand_dims(cols < L, 0), x, -float("inf"))
-            p, m_new, l_new, alpha = _softmax_core_fp8(x, m_i, l_i, row_scale, QK_INT8, P_SHIFT, LAZY)
+            p, m_new, l_new, alpha = _softmax_core_fp8(x, m_i, l_i, row_scale, QK_INT8, P_SHIFT, LAZY_THRESHOLD)
         else:
-            p, m_new, l_new, alpha = _softmax_core_fp8(x, m_i, l_i, row_scale, QK_INT8, P_SHIFT, LAZY)
+            p, m_new, l_new, alpha = _softmax_core_fp8(x, m_i, l_i, row_scale, QK_INT8, P_SHIFT, LAZY_THRESHOLD)
         return p, m_new, l_new, alpha
 
     @gluon.jit
@@ -1026,7 +1027,7 @@ if GLUON_AVAILABLE:
                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                       NUM_WARPS: gl.constexpr, ME: gl.constexpr, QK_INT8: gl.constexpr, P_SHIFT: gl.constexpr,
                       NAMED_TURNS: gl.constexpr = False, NAMED_SYNC: gl.constexpr = False,
-                      LAZY: gl.constexpr = 0.0):
+                      LAZY_THRESHOLD: gl.constexpr = 0.0):
         """One 64-row consumer warpgroup of the 8-bit kernel: ``_consumer_fa3``'s loop with ping-pong
         turns, 8-bit operands (wgmma K = 32 per instruction: ``instr_shape`` [16, N, 32], P's
         register operand packs 4 bytes per 32-bit register: ``k_width=4``):
@@ -1075,7 +1076,7 @@ if GLUON_AVAILABLE:
         _pass_turn(turn, ME, True, NAMED_TURNS, NUM_WARPS)
         s = warpgroup_mma_wait(num_outstanding=0, deps=[s_token])
         p, m_i, l_i, alpha = _softmax_fp8(s, m_i, l_i, q_scale * sk, 0, L, BLOCK_N, s_layout, QK_INT8, P_SHIFT,
-                                          LAZY)
+                                          LAZY_THRESHOLD)
 
         for j in range(1, n_blocks):  # turn j
             slot = j % STAGES
@@ -1089,14 +1090,14 @@ if GLUON_AVAILABLE:
             _take_turn(turn, j, ME, True, NAMED_TURNS, NUM_WARPS)
             s_token = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False,
                                     is_async=True)
-            o = _rescale(o, gl.convert_layout(alpha, o_row_layout), LAZY > 0)
+            o = _rescale(o, gl.convert_layout(alpha, o_row_layout), LAZY_THRESHOLD > 0)
             # p <= 2^8 < 448: the rounding conversion (cvt.rn.satfinite) never saturates.
             p_op = gl.convert_layout(p.to(p_dtype), p_layout)
             o_token = warpgroup_mma(p_op, v_smem.index(prev).permute((1, 0)), o, is_async=True)
             _pass_turn(turn, ME, True, NAMED_TURNS, NUM_WARPS)
             s = warpgroup_mma_wait(num_outstanding=1, deps=[s_token])
             p, m_i, l_i, alpha = _softmax_fp8(s, m_i, l_i, q_scale * sk, j * BLOCK_N, L, BLOCK_N, s_layout,
-                                              QK_INT8, P_SHIFT, LAZY)
+                                              QK_INT8, P_SHIFT, LAZY_THRESHOLD)
             # deps: only the accumulator. Triton (3.6 and 3.9) cannot lower 8-bit register deps
             # ("Unexpected bitwidth in WGMMAWaitGroupOp: 8"). P's registers need no LLVM-level
             # keep-alive: p_op is not used after the issue, its next definition (iteration j + 1)
@@ -1115,7 +1116,7 @@ if GLUON_AVAILABLE:
         if not NAMED_SYNC:  # else V_last came with the signal for tile ``last``
             mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
         _take_turn(turn, n_blocks, ME, True, NAMED_TURNS, NUM_WARPS)
-        o = _rescale(o, gl.convert_layout(alpha, o_row_layout), LAZY > 0)
+        o = _rescale(o, gl.convert_layout(alpha, o_row_layout), LAZY_THRESHOLD > 0)
         p_op = gl.convert_layout(p.to(p_dtype), p_layout)
         o_token = warpgroup_mma(p_op, v_smem.index(last % STAGES).permute((1, 0)), o, is_async=True)
         _pass_last_turn(turn, ME, True, NAMED_TURNS, NUM_WARPS)
@@ -1153,7 +1154,7 @@ if GLUON_AVAILABLE:
                              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                              STAGES: gl.constexpr, NUM_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                              CONSUMER_REGS: gl.constexpr, QK_INT8: gl.constexpr, P_SHIFT: gl.constexpr,
-                             NAMED_TURNS: gl.constexpr, NAMED_SYNC: gl.constexpr, LAZY_RESCALE: gl.constexpr):
+                             NAMED_TURNS: gl.constexpr, NAMED_SYNC: gl.constexpr, LAZY_THRESHOLD: gl.constexpr):
         """Program (query tile, batch * head) of the 8-bit kernel: ``_attn_fwd_hopper``'s ping-pong
         layout (producer warp, two 64-row consumer warpgroups taking turns) on 8-bit tiles."""
         pid_m = gl.program_id(0)
@@ -1187,11 +1188,11 @@ if GLUON_AVAILABLE:
                     (_consumer_fp8, (out_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, v_mean_ptr, q_smem.index(0),
                                      k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, turn, bh, b, h, m0, L, H, LP,
                                      ROWS, BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS, 0, QK_INT8, P_SHIFT, NAMED_TURNS,
-                                     True, LAZY_RESCALE)),
+                                     True, LAZY_THRESHOLD)),
                     (_consumer_fp8, (out_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, v_mean_ptr, q_smem.index(1),
                                      k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, turn, bh, b, h, m0 + ROWS, L,
                                      H, LP, ROWS, BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS, 1, QK_INT8, P_SHIFT,
-                                     NAMED_TURNS, True, LAZY_RESCALE)),
+                                     NAMED_TURNS, True, LAZY_THRESHOLD)),
                     (_producer_fp8, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready,
                                      kv_empty, bh, m0, L, LP, BLOCK_N, STAGES, HEAD_DIM, True)),
                     (_signaller, (q_ready, k_ready, v_ready, L, BLOCK_N, STAGES)),
@@ -1205,11 +1206,11 @@ if GLUON_AVAILABLE:
                     (_consumer_fp8, (out_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, v_mean_ptr, q_smem.index(0),
                                      k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, turn, bh, b, h, m0, L, H, LP,
                                      ROWS, BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS, 0, QK_INT8, P_SHIFT, NAMED_TURNS,
-                                     False, LAZY_RESCALE)),
+                                     False, LAZY_THRESHOLD)),
                     (_consumer_fp8, (out_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, v_mean_ptr, q_smem.index(1),
                                      k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, turn, bh, b, h, m0 + ROWS, L,
                                      H, LP, ROWS, BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS, 1, QK_INT8, P_SHIFT,
-                                     NAMED_TURNS, False, LAZY_RESCALE)),
+                                     NAMED_TURNS, False, LAZY_THRESHOLD)),
                     (_producer_fp8, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready,
                                      kv_empty, bh, m0, L, LP, BLOCK_N, STAGES, HEAD_DIM)),
                 ],
@@ -1367,7 +1368,7 @@ def _fp8_constexprs(config: Fp8Config, head_dim: int) -> dict:
     return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, HEAD_DIM=head_dim, STAGES=config.stages,
                 NUM_WARPS=config.num_warps, PRODUCER_REGS=config.producer_regs, CONSUMER_REGS=config.consumer_regs,
                 QK_INT8=config.qk_int8, P_SHIFT=config.p_shift, NAMED_TURNS=config.named_turns,
-                NAMED_SYNC=config.named_sync, LAZY_RESCALE=config.rescale_threshold if config.lazy_rescale else 0.0)
+                NAMED_SYNC=config.named_sync, LAZY_THRESHOLD=config.rescale_threshold if config.lazy_rescale else 0.0)
 
 
 def _fp8_layouts(config: Fp8Config, head_dim: int):

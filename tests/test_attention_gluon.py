@@ -365,6 +365,36 @@ def test_fp8_kernel_arithmetic_on_cpu():
 LOG2E_DOUBLE = 1.4426950408889634
 
 
+def test_wgmma_key_column_permutes_within_16():
+    """V^T's column order for ``key_permuted_v``: a permutation of each 16 tokens that takes the
+    accumulator's keys of thread c (2c, 2c+1, 8+2c, 9+2c) to the A operand's (4c .. 4c+3)."""
+    import torch
+
+    from talkgen.kernels.layout import wgmma_key_column
+
+    n = torch.arange(512)
+    column = wgmma_key_column(n)
+    assert sorted(column.tolist()) == n.tolist() and ((column // 16) == (n // 16)).all()
+    for c in range(4):
+        assert sorted(column[[2 * c, 2 * c + 1, 8 + 2 * c, 9 + 2 * c]].tolist()) == list(range(4 * c, 4 * c + 4))
+        assert sorted(column[[16 + 2 * c, 17 + 2 * c, 24 + 2 * c, 25 + 2 * c]].tolist()) == list(range(16 + 4 * c, 20 + 4 * c))
+
+
+def test_key_permuted_v_buffers_give_the_same_attention():
+    """With V^T stored in the wgmma key order, the emulated kernel (which reads the order from the
+    buffers) gives exactly the natural order's output: only V^T's columns move."""
+    import torch
+
+    q, k, v = _dit_qkv(300)
+    natural = attention_gluon.quantize_qkv_reference(q, k, v, 128)
+    permuted = attention_gluon.quantize_qkv_reference(q, k, v, 128, wgmma_key_order=True)
+    assert permuted["vt8_key_order"] == "wgmma" and natural["vt8_key_order"] == "natural"
+    assert not torch.equal(permuted["vt8"].view(torch.uint8), natural["vt8"].view(torch.uint8))
+    a = attention_gluon.emulate_fp8_kernel(natural, q.shape, 128, True, torch.float32)
+    b = attention_gluon.emulate_fp8_kernel(permuted, q.shape, 128, True, torch.float32)
+    assert torch.equal(a, b)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_reference_quantizer_matches_quantize_qkv():
     """``quantize_qkv_reference`` (the CPU twin used above) against the real Triton pre-pass, run in
@@ -380,9 +410,10 @@ g = torch.Generator().manual_seed(0)
 x = torch.randn(3, 1, 300, 2, 128, generator=g)
 x[1] += 2.0
 q, k, v = (x[i].to(torch.bfloat16).transpose(1, 2) for i in range(3))
-for i8 in (True, False):
-    a = attention_triton.quantize_qkv(q, k, v, 128, qk_int8=i8)
-    b = ag.quantize_qkv_reference(q, k, v, 128, i8)
+for i8, order in ((True, False), (False, False), (True, True)):
+    a = attention_triton.quantize_qkv(q, k, v, 128, qk_int8=i8, wgmma_key_order=order)
+    b = ag.quantize_qkv_reference(q, k, v, 128, i8, wgmma_key_order=order)
+    assert a["vt8_key_order"] == b["vt8_key_order"]
     assert a["LP"] == b["LP"] and a["q8"].shape == b["q8"].shape and a["vt8"].shape == b["vt8"].shape
     for name in ("q_scale", "k_scale", "v_scale", "v_mean"):
         assert torch.allclose(a[name].float().view(-1), b[name].float().view(-1), rtol=1e-5, atol=1e-7), name
@@ -433,3 +464,16 @@ def test_fp8_variants_compile_for_hopper(tmp_path, monkeypatch):
             for arm in arms:
                 assert arm.split("W")[0].count("e") >= cfg.block_n // 4, f"{cfg.name}: P V wait hoisted"
         _check_lazy_rescale(cfg, ptx)
+        _check_p_operand(cfg, ptx)
+
+
+def _check_p_operand(cfg, ptx: str) -> None:
+    """P from the S accumulator to the P V product's A operand: the plain conversion swaps
+    registers between threads (shfl.sync.idx + prmt); with ``key_permuted_v`` none is left (the
+    row max / sum reductions use shfl.sync.bfly; one idx shuffle sits outside the consumers)."""
+    exchanges = ptx.count("shfl.sync.idx")
+    if cfg.key_permuted_v:
+        assert exchanges <= 1 and "prmt.b32" not in ptx, f"{cfg.name}: {exchanges} idx shuffles"
+    else:
+        assert exchanges >= 4 * 16, f"{cfg.name}: {exchanges} idx shuffles, the plain conversion has 16 per P"
+

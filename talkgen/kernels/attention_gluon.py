@@ -149,7 +149,7 @@ from dataclasses import dataclass
 
 import torch
 
-from talkgen.kernels.layout import view_2d
+from talkgen.kernels.layout import view_2d, wgmma_key_column
 
 LOG2E = 1.4426950408889634
 P_SHIFT_DEFAULT = 8.0  # the 8-bit kernel's e4m3 P is 2^8 * exp2(s - m), as in attention_triton (its P_SHIFT)
@@ -305,6 +305,10 @@ class Fp8Config:
     lazy_rescale: bool = False
     rescale_threshold: float = 0.5
     p_shift: float = P_SHIFT_DEFAULT
+    # P V with the keys of every 16 in the order the S accumulator holds them (``_p_operand``):
+    # P goes from the S registers to the wgmma's A operand without crossing threads, and V^T is
+    # stored with its columns in the same order (``quantize_qkv(..., wgmma_key_order=True)``).
+    key_permuted_v: bool = False
 
     @property
     def name(self) -> str:
@@ -313,6 +317,7 @@ class Fp8Config:
         if self.lazy_rescale:
             pp += "-lr" if self.rescale_threshold == 0.5 else f"-lr{self.rescale_threshold:g}"
         pp += "" if self.p_shift == P_SHIFT_DEFAULT else f"-p{self.p_shift:g}"
+        pp += "-kp" if self.key_permuted_v else ""
         return f"fp8-{pp}-{qk}-m{self.block_m}-n{self.block_n}-s{self.stages}-w{self.num_warps}"
 
 
@@ -343,6 +348,12 @@ FP8_VARIANTS: tuple[Fp8Config, ...] = (
     Fp8Config(block_n=128, stages=3, qk_int8=True, named_turns=True, named_sync=True, lazy_rescale=True),
     Fp8Config(block_n=128, stages=3, qk_int8=True, named_turns=True, named_sync=True, lazy_rescale=True,
               rescale_threshold=1.5, p_shift=7.0),
+    # ... and P handed to the P V product in the accumulator's key order (V^T stored to match):
+    # no register exchange between threads per K tile (``_p_operand_fp8``).
+    Fp8Config(block_n=128, stages=3, qk_int8=True, named_turns=True, named_sync=True, lazy_rescale=True,
+              key_permuted_v=True),
+    Fp8Config(block_n=128, stages=3, qk_int8=True, named_turns=True, named_sync=True, lazy_rescale=True,
+              rescale_threshold=1.5, p_shift=7.0, key_permuted_v=True),
 )
 
 # What TALKGEN_ATTENTION=gluon-fp8 uses (opt-in): 794-802 / 809-812 TFLOP/s bf16-equivalent at
@@ -1003,6 +1014,29 @@ if GLUON_AVAILABLE:
         return p, m_new, l_new, alpha
 
     @gluon.jit
+    def _p_operand_fp8(p, p_dtype: gl.constexpr, p_layout: gl.constexpr, KEY_PERMUTED: gl.constexpr):
+        """P (float32, the S accumulator's layout) -> the e4m3 A operand of the P V wgmma.
+
+        The accumulator and an 8-bit A operand hold different keys per thread: of each 16 keys, the
+        accumulator gives a thread keys 2c, 2c+1, 8+2c, 9+2c (c = lane % 4), the A operand wants
+        4c .. 4c+3, so the plain conversion exchanges registers between threads (per K tile and
+        thread: 16 SHFL.IDX and 16 PRMT in the SASS). ``KEY_PERMUTED``: relabel the keys instead,
+        key 16g + 8b3 + 4b2 + 2b1 + b0 -> 16g + 8b2 + 4b1 + 2b3 + b0 (a bit permutation, so a
+        reshape and a permute). That puts every thread's own values where the A operand wants them
+        (the conversion is checked to move no data between threads), and P V stays the same sum
+        over keys as long as V^T's columns are stored in the same order
+        (``quantize_qkv(..., wgmma_key_order=True)``)."""
+        p8 = p.to(p_dtype)
+        if KEY_PERMUTED:
+            rows: gl.constexpr = p.shape[0]
+            keys: gl.constexpr = p.shape[1]
+            p8 = gl.reshape(p8, [rows, keys // 16, 2, 2, 2, 2])  # [row, g, b3, b2, b1, b0]
+            p8 = gl.reshape(gl.permute(p8, [0, 1, 3, 4, 2, 5]), [rows, keys])  # [row, g, b2, b1, b3, b0]
+            return gl.convert_layout(p8, p_layout, assert_trivial=True)
+        else:
+            return gl.convert_layout(p8, p_layout)
+
+    @gluon.jit
     def _store_output_fp8(o, l_i, v_scale_ptr, v_mean_ptr, out_ptr, bh, b, h, m0, L, H, HEAD_DIM: gl.constexpr,
                           BLOCK_M: gl.constexpr, o_layout: gl.constexpr):
         """out[t, d] = O[t, d] / l[t] * sv[d] + mean_v[d], straight from the wgmma layout.
@@ -1027,7 +1061,7 @@ if GLUON_AVAILABLE:
                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                       NUM_WARPS: gl.constexpr, ME: gl.constexpr, QK_INT8: gl.constexpr, P_SHIFT: gl.constexpr,
                       NAMED_TURNS: gl.constexpr = False, NAMED_SYNC: gl.constexpr = False,
-                      LAZY_THRESHOLD: gl.constexpr = 0.0):
+                      LAZY_THRESHOLD: gl.constexpr = 0.0, KEY_PERMUTED: gl.constexpr = False):
         """One 64-row consumer warpgroup of the 8-bit kernel: ``_consumer_fa3``'s loop with ping-pong
         turns, 8-bit operands (wgmma K = 32 per instruction: ``instr_shape`` [16, N, 32], P's
         register operand packs 4 bytes per 32-bit register: ``k_width=4``):
@@ -1092,7 +1126,7 @@ if GLUON_AVAILABLE:
                                     is_async=True)
             o = _rescale(o, gl.convert_layout(alpha, o_row_layout), LAZY_THRESHOLD > 0)
             # p <= 2^8 < 448: the rounding conversion (cvt.rn.satfinite) never saturates.
-            p_op = gl.convert_layout(p.to(p_dtype), p_layout)
+            p_op = _p_operand_fp8(p, p_dtype, p_layout, KEY_PERMUTED)
             o_token = warpgroup_mma(p_op, v_smem.index(prev).permute((1, 0)), o, is_async=True)
             _pass_turn(turn, ME, True, NAMED_TURNS, NUM_WARPS)
             s = warpgroup_mma_wait(num_outstanding=1, deps=[s_token])
@@ -1117,7 +1151,7 @@ if GLUON_AVAILABLE:
             mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
         _take_turn(turn, n_blocks, ME, True, NAMED_TURNS, NUM_WARPS)
         o = _rescale(o, gl.convert_layout(alpha, o_row_layout), LAZY_THRESHOLD > 0)
-        p_op = gl.convert_layout(p.to(p_dtype), p_layout)
+        p_op = _p_operand_fp8(p, p_dtype, p_layout, KEY_PERMUTED)
         o_token = warpgroup_mma(p_op, v_smem.index(last % STAGES).permute((1, 0)), o, is_async=True)
         _pass_last_turn(turn, ME, True, NAMED_TURNS, NUM_WARPS)
         o = warpgroup_mma_wait(num_outstanding=0, deps=[o_token])
@@ -1154,7 +1188,8 @@ if GLUON_AVAILABLE:
                              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                              STAGES: gl.constexpr, NUM_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                              CONSUMER_REGS: gl.constexpr, QK_INT8: gl.constexpr, P_SHIFT: gl.constexpr,
-                             NAMED_TURNS: gl.constexpr, NAMED_SYNC: gl.constexpr, LAZY_THRESHOLD: gl.constexpr):
+                             NAMED_TURNS: gl.constexpr, NAMED_SYNC: gl.constexpr, LAZY_THRESHOLD: gl.constexpr,
+                             KEY_PERMUTED: gl.constexpr):
         """Program (query tile, batch * head) of the 8-bit kernel: ``_attn_fwd_hopper``'s ping-pong
         layout (producer warp, two 64-row consumer warpgroups taking turns) on 8-bit tiles."""
         pid_m = gl.program_id(0)
@@ -1188,11 +1223,11 @@ if GLUON_AVAILABLE:
                     (_consumer_fp8, (out_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, v_mean_ptr, q_smem.index(0),
                                      k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, turn, bh, b, h, m0, L, H, LP,
                                      ROWS, BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS, 0, QK_INT8, P_SHIFT, NAMED_TURNS,
-                                     True, LAZY_THRESHOLD)),
+                                     True, LAZY_THRESHOLD, KEY_PERMUTED)),
                     (_consumer_fp8, (out_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, v_mean_ptr, q_smem.index(1),
                                      k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, turn, bh, b, h, m0 + ROWS, L,
                                      H, LP, ROWS, BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS, 1, QK_INT8, P_SHIFT,
-                                     NAMED_TURNS, True, LAZY_THRESHOLD)),
+                                     NAMED_TURNS, True, LAZY_THRESHOLD, KEY_PERMUTED)),
                     (_producer_fp8, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready,
                                      kv_empty, bh, m0, L, LP, BLOCK_N, STAGES, HEAD_DIM, True)),
                     (_signaller, (q_ready, k_ready, v_ready, L, BLOCK_N, STAGES)),
@@ -1206,11 +1241,11 @@ if GLUON_AVAILABLE:
                     (_consumer_fp8, (out_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, v_mean_ptr, q_smem.index(0),
                                      k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, turn, bh, b, h, m0, L, H, LP,
                                      ROWS, BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS, 0, QK_INT8, P_SHIFT, NAMED_TURNS,
-                                     False, LAZY_THRESHOLD)),
+                                     False, LAZY_THRESHOLD, KEY_PERMUTED)),
                     (_consumer_fp8, (out_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, v_mean_ptr, q_smem.index(1),
                                      k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, turn, bh, b, h, m0 + ROWS, L,
                                      H, LP, ROWS, BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS, 1, QK_INT8, P_SHIFT,
-                                     NAMED_TURNS, False, LAZY_THRESHOLD)),
+                                     NAMED_TURNS, False, LAZY_THRESHOLD, KEY_PERMUTED)),
                     (_producer_fp8, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready,
                                      kv_empty, bh, m0, L, LP, BLOCK_N, STAGES, HEAD_DIM)),
                 ],
@@ -1368,7 +1403,8 @@ def _fp8_constexprs(config: Fp8Config, head_dim: int) -> dict:
     return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, HEAD_DIM=head_dim, STAGES=config.stages,
                 NUM_WARPS=config.num_warps, PRODUCER_REGS=config.producer_regs, CONSUMER_REGS=config.consumer_regs,
                 QK_INT8=config.qk_int8, P_SHIFT=config.p_shift, NAMED_TURNS=config.named_turns,
-                NAMED_SYNC=config.named_sync, LAZY_THRESHOLD=config.rescale_threshold if config.lazy_rescale else 0.0)
+                NAMED_SYNC=config.named_sync, LAZY_THRESHOLD=config.rescale_threshold if config.lazy_rescale else 0.0,
+                KEY_PERMUTED=config.key_permuted_v)
 
 
 def _fp8_layouts(config: Fp8Config, head_dim: int):
@@ -1399,7 +1435,8 @@ def attention_fp8_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     B, H, L, D = q.shape
-    qd = quantize_qkv(q, k, v, config.block_n, qk_int8=config.qk_int8, pv_fp8=True)
+    qd = quantize_qkv(q, k, v, config.block_n, qk_int8=config.qk_int8, pv_fp8=True,
+                      wgmma_key_order=config.key_permuted_v)
     LP = qd["LP"]
     out = torch.empty(B, L, H, D, dtype=q.dtype, device=q.device)
     (_, q_block, q_layout), (_, k_block, k_layout), (_, v_block, v_layout) = _fp8_layouts(config, D)
@@ -1446,10 +1483,11 @@ def compile_fp8_for_hopper(config: Fp8Config | None = None, head_dim: int = 128,
 
 
 def quantize_qkv_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int,
-                           qk_int8: bool = True) -> dict:
+                           qk_int8: bool = True, wgmma_key_order: bool = False) -> dict:
     """torch twin of ``attention_triton.quantize_qkv(..., pv_fp8=True)``: the same buffers (Q8 / K8
-    [B*H*LP, D], VT8 [B*H*D, LP], zero-padded to LP = a multiple of 256 tokens) and scales,
-    computed the same way up to float rounding (the Triton pre-pass needs a GPU)."""
+    [B*H*LP, D], VT8 [B*H*D, LP], zero-padded to LP = a multiple of 256 tokens; with
+    ``wgmma_key_order``, VT8's columns in ``layout.wgmma_key_column``) and scales, computed the same
+    way up to float rounding (the Triton pre-pass needs a GPU)."""
     B, H, L, D = q.shape
     LP = -(-L // 256) * 256
     qmax = 127.0 if qk_int8 else 448.0
@@ -1474,9 +1512,13 @@ def quantize_qkv_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     v_scale = torch.maximum(v_max.float() - v_mean, v_mean - v_min.float()).clamp_min(1e-20) / 448.0
     vt = pad((v.float() - v_mean[:, :, None]) / v_scale[:, :, None])
     vt8 = vt.transpose(1, 2).contiguous().to(torch.float8_e4m3fn)  # [B*H, D, LP]
+    if wgmma_key_order:  # column wgmma_key_order(n) holds token n
+        bytes_ = vt8.view(torch.uint8)  # index_copy_ has no float8 kernel
+        vt8 = torch.empty_like(bytes_).index_copy_(2, wgmma_key_column(torch.arange(LP)), bytes_).view(vt8.dtype)
     return dict(q8=q8.reshape(B * H * LP, D), k8=k8.reshape(B * H * LP, D),
                 q_scale=(sq * (LOG2E / math.sqrt(D))).reshape(-1), k_scale=sk.reshape(-1), LP=LP,
-                vt8=vt8.reshape(B * H * D, LP), v_mean=v_mean.contiguous(), v_scale=v_scale.contiguous())
+                vt8=vt8.reshape(B * H * D, LP), v_mean=v_mean.contiguous(), v_scale=v_scale.contiguous(),
+                vt8_key_order="wgmma" if wgmma_key_order else "natural")
 
 
 def emulate_fp8_kernel(qd: dict, shape: tuple, block_n: int, qk_int8: bool = True,
@@ -1493,6 +1535,8 @@ def emulate_fp8_kernel(qd: dict, shape: tuple, block_n: int, qk_int8: bool = Tru
     q8 = qd["q8"].view(B * H, LP, D)[:, :L].float()  # 8-bit values are exact in float32
     k8 = qd["k8"].view(B * H, LP, D).float()
     vt8 = qd["vt8"].view(B * H, D, LP).float()
+    if qd.get("vt8_key_order") == "wgmma":  # back to token order (the sum over keys is the same)
+        vt8 = vt8[:, :, wgmma_key_column(torch.arange(LP, device=dev))]
     q_scale = qd["q_scale"].view(B * H, LP)[:, :L]
     k_scale = qd["k_scale"].view(B * H, LP // block_n)
     magic = 12582912.0  # 1.5 * 2^23, the float whose bits are I32_F32_MAGIC

@@ -299,9 +299,11 @@ def _quant_rows(X, sxb, sxh, sxl, MEAN, OUT, SCALE, H, L, LP, mult,
 
 
 @triton.jit
-def _quant_vt(X, sxb, sxh, sxl, MEAN, SV, OUT, H, L, LP, D: tl.constexpr, ROWS: tl.constexpr):
+def _quant_vt(X, sxb, sxh, sxl, MEAN, SV, OUT, H, L, LP, D: tl.constexpr, ROWS: tl.constexpr,
+              WGMMA_KEY_ORDER: tl.constexpr = False):
     """(V - mean) / scale per channel, to e4m3, stored transposed: OUT [B*H*D, LP] (the layout
-    Hopper's fp8 tensor-core product wants for the right operand); columns past L are zeros."""
+    Hopper's fp8 tensor-core product wants for the right operand); columns past L are zeros.
+    ``WGMMA_KEY_ORDER``: token n goes to column ``layout.wgmma_key_column(n)`` (see there)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -314,7 +316,17 @@ def _quant_vt(X, sxb, sxh, sxl, MEAN, SV, OUT, H, L, LP, D: tl.constexpr, ROWS: 
     mean = tl.load(MEAN + bh * D + offs_d)
     inv = 1.0 / tl.load(SV + bh * D + offs_d)
     xq = tl.where(valid, (x - mean[None, :]) * inv[None, :], 0.0).to(OUT.dtype.element_ty)
+    if WGMMA_KEY_ORDER:
+        offs_n = _wgmma_key_column(offs_n)
     tl.store(OUT + (bh * D + offs_d)[None, :].to(tl.int64) * LP + offs_n[:, None], xq)
+
+
+@triton.jit
+def _wgmma_key_column(n):
+    """``talkgen.kernels.layout.wgmma_key_column`` in Triton."""
+    j = n & 15
+    return (n - j) | (j & 1) | (((j >> 3) & 1) << 1) | (((j >> 1) & 3) << 2)
+
 
 
 @triton.jit
@@ -520,9 +532,11 @@ def attention_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: Co
 
 
 def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int, qk_int8: bool = True,
-                 pv_fp8: bool = True) -> dict:
+                 pv_fp8: bool = True, wgmma_key_order: bool = False) -> dict:
     """The 8-bit kernel's inputs: smoothed, quantized Q/K (per token / per ``block_n`` tokens),
-    V^T in e4m3 per channel (when ``pv_fp8``), and their scales (Q's include 1/sqrt(D), log2(e))."""
+    V^T in e4m3 per channel (when ``pv_fp8``), and their scales (Q's include 1/sqrt(D), log2(e)).
+    ``wgmma_key_order``: V^T's columns in the order of ``layout.wgmma_key_column`` (the Gluon 8-bit
+    kernel's ``key_permuted_v``); the result says so under ``"vt8_key_order"``."""
     B, H, L, D = q.shape
     LP = triton.cdiv(L, PAD) * PAD
     dev = q.device
@@ -539,7 +553,8 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int
     _quant_rows[(LP // block_n, B * H)](k, k.stride(0), k.stride(1), k.stride(2), k_mean, k8, k_scale, H, L, LP,
                                         1.0, D=D, ROWS=block_n, PER_TOKEN=False, SUB_MEAN=True, INT8=qk_int8,
                                         num_warps=4)
-    out = dict(q8=q8, k8=k8, q_scale=q_scale, k_scale=k_scale, LP=LP, vt8=None, v_mean=None, v_scale=None)
+    out = dict(q8=q8, k8=k8, q_scale=q_scale, k_scale=k_scale, LP=LP, vt8=None, v_mean=None, v_scale=None,
+               vt8_key_order="wgmma" if wgmma_key_order else "natural")
     if pv_fp8:
         v_mean = v.mean(dim=2, dtype=torch.float32).contiguous()
         v_min, v_max = torch.aminmax(v, dim=2)
@@ -547,7 +562,7 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int
                    / FP8_MAX).contiguous()
         vt8 = torch.empty(B * H * D, LP, dtype=torch.float8_e4m3fn, device=dev)
         _quant_vt[(LP // rows, B * H)](v, v.stride(0), v.stride(1), v.stride(2), v_mean, v_scale, vt8, H, L, LP,
-                                       D=D, ROWS=rows, num_warps=4)
+                                       D=D, ROWS=rows, WGMMA_KEY_ORDER=wgmma_key_order, num_warps=4)
         out.update(vt8=vt8, v_mean=v_mean, v_scale=v_scale)
     return out
 

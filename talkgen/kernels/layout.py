@@ -20,3 +20,12 @@ def view_2d(t: torch.Tensor):
     if sh >= D and sl == H * sh and (sb == L * sl or B == 1):  # [B, L, H, D]
         return [B * L, H * sh], [sl, 1], L, 0, sh
     return None
+
+
+def wgmma_key_column(n: torch.Tensor) -> torch.Tensor:
+    """The column of V^T that token ``n`` takes for the 8-bit Gluon kernel's ``key_permuted_v``
+    variant: of each 16 tokens, 16g + 8b3 + 4b2 + 2b1 + b0 -> 16g + 8b2 + 4b1 + 2b3 + b0 (bits of
+    the token index), the order in which a thread's P values sit in the wgmma accumulator
+    (``attention_gluon._p_operand_fp8``). A permutation within each 16 tokens."""
+    j = n & 15
+    return (n - j) | (j & 1) | (((j >> 3) & 1) << 1) | (((j >> 1) & 3) << 2)

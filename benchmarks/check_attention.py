@@ -4,7 +4,8 @@ Odd lengths (tails of every block size), batch 1-3, the DiT's [B, L, H, D] layou
 [B, H, L, D], bf16 and fp16: the bf16 kernel within 1.5x SDPA's error against float32 (plus 1e-3),
 the 8-bit kernel within 3e-2 (with e4m3 P and V: 3.5e-2 on DiT-like inputs, 8e-2 on noise);
 every output element written (the output buffer is poisoned with NaN first); and ``talkgen.models.attention.attention`` under ``torch.compile(fullgraph=True)`` through
-the custom op. Exits non-zero on a failure. Run on the GPU machine:
+the custom op; and q / k RMSNorm + RoPE (``talkgen.kernels.norm_rope``) against the torch ops it
+replaces. Exits non-zero on a failure. Run on the GPU machine:
 
     python benchmarks/check_attention.py
 """
@@ -94,8 +95,39 @@ def main() -> int:
         if not ok:
             failures.append(("compile", setting, err, same))
     os.environ.pop("TALKGEN_ATTENTION")
+    failures += check_norm_rope()
     print("FAILED:", failures if failures else "none")
     return 1 if failures else 0
+
+
+def check_norm_rope() -> list:
+    """q / k RMSNorm + RoPE in one Triton pass against the torch ops it replaces (eager), at the
+    DiT's width on a 480p clip's tokens and at an odd length, batch 2: at most one rounding apart
+    (relative to each rotated pair's length), nearly all elements equal, and the same under
+    torch.compile."""
+    from talkgen.kernels.norm_rope import rms_norm_rope
+    from talkgen.models import dit
+
+    failures = []
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for batch, grid in ((1, (21, 28, 56)), (2, (3, 7, 11))):
+        cos, sin = dit._rope_3d_table(grid, 128, torch.device("cuda"))
+        norm = dit.RMSNorm(5120, 1e-6).cuda()
+        norm.weight.data = 1 + 0.2 * torch.randn(5120, device="cuda", generator=g)
+        x = (3 * torch.randn(batch, cos.shape[0], 5120, device="cuda", generator=g)).to(torch.bfloat16)
+        expected = dit.apply_rope_pairs(norm(x).view(batch, -1, 40, 128), cos[:, None], sin[:, None]).to(x.dtype)
+        got = rms_norm_rope(x, norm.weight, cos, sin, 40, 1e-6)
+        compiled = torch.compile(lambda t: rms_norm_rope(t, norm.weight, cos, sin, 40, 1e-6) * 1.0, fullgraph=True)(x)
+        pair = expected.float().unflatten(-1, (-1, 2)).norm(dim=-1, keepdim=True).expand(-1, -1, -1, -1, 2)
+        diff = (got.float() - expected.float()).abs()
+        worst = (diff / pair.flatten(-2).clamp_min(1e-3)).max().item()
+        differing = (diff > 0).float().mean().item()
+        ok = worst <= 2 ** -7 and differing < 0.02 and torch.equal(compiled, got)
+        print(f"{'ok  ' if ok else 'FAIL'} rms_norm_rope B{batch} L{cos.shape[0]}: worst {worst:.1e} of a pair's "
+              f"length, {differing:.2%} of elements differ, compiled == eager: {torch.equal(compiled, got)}")
+        if not ok:
+            failures.append(("rms_norm_rope", batch, worst, differing))
+    return failures
 
 
 if __name__ == "__main__":

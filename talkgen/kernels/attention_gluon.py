@@ -367,12 +367,13 @@ FP8_VARIANTS: tuple[Fp8Config, ...] = (
               key_permuted_v=True, fma_exp2_share=4),
 )
 
-# What TALKGEN_ATTENTION=gluon-fp8 uses (opt-in): 794-802 / 809-812 TFLOP/s bf16-equivalent at
-# 32,928 / 75,600 tokens (two runs, the quantization pass included), 1.065-1.08x the tl kernel
-# triton-fp8-fast in the same processes, the same errors (2.5e-2 on DiT-like inputs; 2026-12-06,
-# H100, benchmarks/bench_attention_gluon.py --fp8). ``lr1.5-p7`` measured 803 / 819 once, with a
-# little more error (2.54e-2), and has not been through check_attention.
-FP8_DEFAULT_CONFIG = next(cfg for cfg in FP8_VARIANTS if cfg.name == "fp8-ppns-lr-i8qk-m128-n128-s3-w4")
+# What TALKGEN_ATTENTION=gluon-fp8 uses (opt-in): ppns-lr with P handed over in the accumulator's
+# key order (``kp``): 805 / 809 TFLOP/s bf16-equivalent at 32,928 tokens, 815 / 821 at 75,600 (two
+# processes, the quantization pass included), against 781-782 / 789-791 for ppns-lr in the same
+# processes; 1.10-1.12x the tl kernel triton-fp8-fast; the same errors (2.5e-2 on DiT-like inputs;
+# 2026-12-06, H100, benchmarks/bench_attention_gluon.py --fp8 --variants 5 7 9 10 8). lr1.5-p7-kp
+# (810-812 / 821) and kp-e8 (804-808 / 817-820) are as fast within the spread, kp-e4 slower (733-735).
+FP8_DEFAULT_CONFIG = next(cfg for cfg in FP8_VARIANTS if cfg.name == "fp8-ppns-lr-kp-i8qk-m128-n128-s3-w4")
 
 # ------------------------------------------------------------------------------------------------
 # Device code

@@ -15,7 +15,9 @@ H100, 1-2.5e-2 relative error instead of SDPA's 2e-3), ``triton-fp8-fast`` (int8
 1.25-1.32x SDPA, 2-3e-2 on DiT-like inputs, up to 6e-2 on noise) or ``gluon-fp8`` (the same
 arithmetic in Gluon, Hopper only: 1.36-1.42x SDPA; head_dim 64 goes to ``triton-fp8-fast``). The
 8-bit ones are opt-in.
-Everything else (cross-attention, the person map, CPU runs) always uses SDPA.
+Everything else (cross-attention, the person map, CPU runs) always uses SDPA. ``sdpa`` also turns
+off talkgen's other GPU kernel (q / k RMSNorm + RoPE in one pass, :mod:`talkgen.kernels.norm_rope`):
+PyTorch's own kernels only.
 """
 
 from __future__ import annotations
@@ -79,6 +81,15 @@ def resolve_backend(device_type: str, device_index: int = 0) -> str:
             raise ResourceError(f"TALKGEN_ATTENTION={setting} needs a Hopper GPU (H100/H200) and a Triton with "
                                 f"Gluon's Hopper module (>= 3.5); use TALKGEN_ATTENTION={other} or sdpa elsewhere.")
     return setting
+
+
+@torch.compiler.assume_constant_result
+def own_kernels_allowed(device_type: str) -> bool:
+    """Whether talkgen's plain Triton kernels (not attention: ``talkgen.kernels.norm_rope``) may run on
+    a device type: a CUDA GPU, Triton importable, and ``TALKGEN_ATTENTION`` not ``sdpa`` (which
+    keeps a run on PyTorch's own kernels only). Constant for a process (torch.compile bakes it in)."""
+    return (device_type == "cuda" and torch.cuda.is_available() and backend_setting() != "sdpa"
+            and _triton_version() is not None)
 
 
 def check_backend(device: torch.device | str) -> str:

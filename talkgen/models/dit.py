@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from talkgen.models.attention import attention
+from talkgen.models.attention import attention, own_kernels_allowed
 
 
 @dataclass(frozen=True)
@@ -185,6 +185,19 @@ def apply_rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
 
 
+def norm_and_rope(x: torch.Tensor, norm: RMSNorm, rope: tuple[torch.Tensor, torch.Tensor], heads: int) -> torch.Tensor:
+    """RoPE(RMSNorm(x)) of self-attention's q or k: ``x`` [B, L, C] -> [B, L, heads, C / heads] in
+    x's dtype. On a GPU where talkgen's kernels may run, one Triton pass
+    (:mod:`talkgen.kernels.norm_rope`, the same roundings); else these torch ops."""
+    if x.dtype in (torch.bfloat16, torch.float16) and own_kernels_allowed(x.device.type):
+        from talkgen.kernels.norm_rope import rms_norm_rope
+
+        return rms_norm_rope(x, norm.weight, rope[0], rope[1], heads, norm.eps)
+    b, n, _ = x.shape
+    cos, sin = (t[:, None] for t in rope)  # [L, 1, D/2]: broadcast over heads
+    return apply_rope_pairs(norm(x).view(b, n, heads, -1), cos, sin).to(x.dtype)
+
+
 def rope_1d_angles(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin for 1-D RoPE over the full head dim, pairs interleaved: positions [...] -> [..., D/2]."""
     inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
@@ -219,13 +232,12 @@ class SelfAttention(nn.Module):
         ``parallel`` (a :class:`talkgen.runtime.parallel.ShardPlan`): ``x`` and ``rope`` are this
         rank's token shard; attention and the person map run over the whole sequence, head-sharded."""
         b, n, _ = x.shape
-        cos, sin = (t[:, None] for t in rope)  # [L, 1, D/2]: broadcast over heads
         # RoPE is applied in the [B, L, H, D] layout the projections produce (coalesced writes);
         # attention takes [B, H, L, D] views of it.
-        q = apply_rope_pairs(self.norm_q(self.q(x)).view(b, n, self.num_heads, -1), cos, sin)
-        k = apply_rope_pairs(self.norm_k(self.k(x)).view(b, n, self.num_heads, -1), cos, sin)
+        q = norm_and_rope(self.q(x), self.norm_q, rope, self.num_heads)
+        k = norm_and_rope(self.k(x), self.norm_k, rope, self.num_heads)
         v = self.v(x).view(b, n, self.num_heads, -1)
-        q, k, v = (t.to(x.dtype).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if parallel is not None:
             out, person_map = parallel.self_attention(q, k, v, person_masks)
             return self.o(out), person_map

@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--people", type=int, default=1)
     ap.add_argument("--fp8", action="store_true", help="block linears in torchao dynamic fp8 (talkgen.runtime.fp8)")
     ap.add_argument("--skip-sdpa", action="store_true", help="skip the SDPA backend comparison")
+    ap.add_argument("--cpu-ops", action="store_true",
+                    help="also record the host-side ops (which aten op launched a kernel, e.g. a copy)")
     a = ap.parse_args()
     if not a.skip_sdpa:
         sdpa_backends(32928)
@@ -58,10 +60,18 @@ def main() -> None:
         for _ in range(2):
             model(**cond)
         torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        activities = [torch.profiler.ProfilerActivity.CUDA]
+        if a.cpu_ops:
+            activities.append(torch.profiler.ProfilerActivity.CPU)
+        with torch.profiler.profile(activities=activities, record_shapes=a.cpu_ops) as prof:
             model(**cond)
             torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=110))
+    if a.cpu_ops:  # the aten ops that launched copies, with their input shapes
+        table = prof.key_averages(group_by_input_shape=True).table(sort_by="cuda_time_total", row_limit=80,
+                                                                    max_name_column_width=60)
+        print("\n".join(line for line in table.splitlines() if any(
+            word in line for word in ("copy", "clone", "contiguous", "attention", "Name", "---"))))
 
 
 if __name__ == "__main__":

@@ -124,8 +124,10 @@ CTA barrier) are resolved at import (``_tma_load``, ``_cta_barrier``), and
 2.5e-2 on DiT-like inputs with int8 scores, 679-709 TFLOP/s bf16-equivalent with the mbarrier
 hand-over, 715 / 730 at 32,928 / 75,600 tokens with the named-barrier one, 728 / 749 with the bf16
 default's ``ppns`` scheme = 0.96-1.0x the tl kernel below in the same process; with conditional
-rescaling (``fp8-ppns-lr``, P <= 2^8.5 so that e4m3 cannot saturate) 794-802 / 809-812 =
-1.07-1.08x the tl kernel: ``TALKGEN_ATTENTION=gluon-fp8``, opt-in; figures in
+rescaling (``fp8-ppns-lr``, P <= 2^8.5 so that e4m3 cannot saturate) 781-802 / 789-812 =
+1.07-1.08x the tl kernel; with P handed to the P V product in the accumulator's key order and V^T
+stored to match (``fp8-ppns-lr-kp``, no register exchange between threads, ``_p_operand_fp8``)
+805-809 / 815-821 = 1.10-1.12x: ``TALKGEN_ATTENTION=gluon-fp8``, opt-in; figures in
 docs/performance.md). SageAttention-2's
 arithmetic, as the tl kernel's ``attention_fp8(..., FP8_FAST_CONFIG)`` (713-762 TFLOP/s
 bf16-equivalent, 2.5e-2 relative error on DiT-like inputs), on the ping-pong layout above:
@@ -328,10 +330,11 @@ class Fp8Config:
 
 
 # The 8-bit variants (measured 2026-12-06 on an H100, int8 / e4m3 / int8 6 stages / int8 named
-# hand-over / ppns / ppns-lr / ppns-lr1.5-p7: 686 / 758 / 700 / 715 / 728 / 794-802 / 803 TFLOP/s at
+# hand-over / ppns / ppns-lr / ppns-lr1.5-p7: 686 / 758 / 700 / 715 / 728 / 781-802 / 803 TFLOP/s at
 # 32,928 tokens, errors 2.5e-2 / 6.2e-2 / 2.5e-2 / 2.5e-2 / 2.5e-2 / 2.5e-2 / 2.5e-2 on DiT-like
-# inputs; the tl ``triton-fp8-fast`` kernel 744-748 in the same processes). The lazy-rescale ones
-# are the first faster than the tl kernel; FP8_DEFAULT_CONFIG below is opt-in. 8-bit tiles are half
+# inputs; the tl ``triton-fp8-fast`` kernel 726-748 in the same processes; the kp ones below:
+# FP8_DEFAULT_CONFIG). The lazy-rescale ones are the first faster than the tl kernel;
+# FP8_DEFAULT_CONFIG is opt-in. 8-bit tiles are half
 # the bytes of bf16 ones, so a 128-key K/V stage is 32 KB (K 128 x 128 + V^T 128 x 128 bytes) and a
 # 4-stage ring + Q (16 KB) takes 144 KB of the 227 KB.
 FP8_VARIANTS: tuple[Fp8Config, ...] = (

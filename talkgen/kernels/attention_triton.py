@@ -20,7 +20,7 @@ is written in ``[B, L, H, D]`` order and returned as its ``[B, H, L, D]`` view, 
 
 Measured on an H100 (docs/performance.md, "Self-attention kernels"): SDPA 570-590 TFLOP/s at
 32,928 and 75,600 tokens; the bf16 kernel 0.92-0.94x SDPA (so ``auto`` uses the Gluon kernel of
-``attention_gluon.py`` on Hopper instead, 1.2x SDPA; its 8-bit kernel, ``gluon-fp8``, 1.36-1.42x); ``FP8_CONFIG``
+``attention_gluon.py`` on Hopper instead, 1.2x SDPA; its 8-bit kernel, ``gluon-fp8``, 1.42-1.48x); ``FP8_CONFIG``
 1.11-1.16x and ``FP8_FAST_CONFIG`` 1.25-1.32x SDPA (bf16-equivalent work, quantization included).
 What limits the Triton kernels there: Triton 3.6 does not warp-specialize on Hopper (the ``warp_specialize`` flag changes nothing) and waits for
 each tensor-core product right after issuing it, so within one program the softmax never runs

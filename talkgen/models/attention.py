@@ -13,7 +13,7 @@ process if the Gluon kernel ever fails to compile or launch: Gluon is experiment
 :mod:`talkgen.kernels.attention_gluon`), ``triton-fp8`` (int8 QK, bf16 PV: 1.11-1.16x SDPA on an
 H100, 1-2.5e-2 relative error instead of SDPA's 2e-3), ``triton-fp8-fast`` (int8 QK, e4m3 PV:
 1.25-1.32x SDPA, 2-3e-2 on DiT-like inputs, up to 6e-2 on noise) or ``gluon-fp8`` (the same
-arithmetic in Gluon, Hopper only: 1.36-1.42x SDPA; head_dim 64 goes to ``triton-fp8-fast``). The
+arithmetic in Gluon, Hopper only: 1.42-1.48x SDPA; head_dim 64 goes to ``triton-fp8-fast``). The
 8-bit ones are opt-in.
 Everything else (cross-attention, the person map, CPU runs) always uses SDPA. ``sdpa`` also turns
 off talkgen's other GPU kernel (q / k RMSNorm + RoPE in one pass, :mod:`talkgen.kernels.norm_rope`):

@@ -188,8 +188,10 @@ def apply_rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 def norm_and_rope(x: torch.Tensor, norm: RMSNorm, rope: tuple[torch.Tensor, torch.Tensor], heads: int) -> torch.Tensor:
     """RoPE(RMSNorm(x)) of self-attention's q or k: ``x`` [B, L, C] -> [B, L, heads, C / heads] in
     x's dtype. On a GPU where talkgen's kernels may run, one Triton pass
-    (:mod:`talkgen.kernels.norm_rope`, the same roundings); else these torch ops."""
-    if x.dtype in (torch.bfloat16, torch.float16) and own_kernels_allowed(x.device.type):
+    (:mod:`talkgen.kernels.norm_rope`, the same roundings; inference only: it has no backward);
+    else these torch ops."""
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad)
+    if x.dtype in (torch.bfloat16, torch.float16) and not needs_grad and own_kernels_allowed(x.device.type):
         from talkgen.kernels.norm_rope import rms_norm_rope
 
         return rms_norm_rope(x, norm.weight, rope[0], rope[1], heads, norm.eps)

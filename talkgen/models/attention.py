@@ -112,15 +112,17 @@ def describe_backend() -> str:
         backend = resolve_backend(device)
     except TalkgenError as exc:
         return f"invalid setting: {exc}"
+    norm_rope = "; q / k RMSNorm + RoPE in one Triton pass" if own_kernels_allowed(device) else ""
     if backend == "sdpa":
-        return f"torch SDPA (TALKGEN_ATTENTION={setting})"
+        return f"torch SDPA (TALKGEN_ATTENTION={setting}){norm_rope}"
     what = {"triton": "talkgen Triton flash-attention, bf16",
             "gluon": "talkgen Gluon flash-attention for Hopper, bf16",
             "gluon-auto": "talkgen Gluon flash-attention for Hopper, bf16 (SDPA if it fails)",
             "triton-fp8": "talkgen Triton 8-bit attention (int8 QK, bf16 PV)",
             "triton-fp8-fast": "talkgen Triton 8-bit attention (int8 QK, fp8 PV)",
             "gluon-fp8": "talkgen Gluon 8-bit attention for Hopper (int8 QK, fp8 PV)"}[backend]
-    return f"{what} for self-attention, SDPA for the rest (Triton {_triton_version()}, TALKGEN_ATTENTION={setting})"
+    return (f"{what} for self-attention, SDPA for the rest{norm_rope} (Triton {_triton_version()}, "
+            f"TALKGEN_ATTENTION={setting})")
 
 
 @torch.library.custom_op("talkgen::flash_attention", mutates_args=())

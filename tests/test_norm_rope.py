@@ -73,3 +73,14 @@ def test_cpu_and_sdpa_setting_keep_the_torch_path(monkeypatch):
     out = dit.norm_and_rope(x, norm, (cos, sin), heads)
     expected = dit.apply_rope_pairs(norm(x).view(1, 4, heads, head_dim), cos[:, None], sin[:, None]).to(x.dtype)
     assert torch.equal(out, expected)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_fused_op_refuses_tables_of_another_length():
+    """cos / sin rows are read by token index: tables for another token count would be read out of
+    bounds, so the op refuses them before launching anything."""
+    from talkgen.kernels.norm_rope import rms_norm_rope
+
+    x = torch.zeros(1, 4, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"cos / sin \(4, 4\)"):
+        rms_norm_rope(x, torch.ones(16), torch.zeros(3, 4), torch.zeros(3, 4), 2, 1e-6)

@@ -307,7 +307,7 @@ class Fp8Config:
     lazy_rescale: bool = False
     rescale_threshold: float = 0.5
     p_shift: float = P_SHIFT_DEFAULT
-    # P V with the keys of every 16 in the order the S accumulator holds them (``_p_operand``):
+    # P V with the keys of every 16 in the order the S accumulator holds them (``_p_operand_fp8``):
     # P goes from the S registers to the wgmma's A operand without crossing threads, and V^T is
     # stored with its columns in the same order (``quantize_qkv(..., wgmma_key_order=True)``).
     key_permuted_v: bool = False
@@ -1566,7 +1566,7 @@ def quantize_qkv_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     v_scale = torch.maximum(v_max.float() - v_mean, v_mean - v_min.float()).clamp_min(1e-20) / 448.0
     vt = pad((v.float() - v_mean[:, :, None]) / v_scale[:, :, None])
     vt8 = vt.transpose(1, 2).contiguous().to(torch.float8_e4m3fn)  # [B*H, D, LP]
-    if wgmma_key_order:  # column wgmma_key_order(n) holds token n
+    if wgmma_key_order:  # column wgmma_key_column(n) holds token n
         bytes_ = vt8.view(torch.uint8)  # index_copy_ has no float8 kernel
         vt8 = torch.empty_like(bytes_).index_copy_(2, wgmma_key_column(torch.arange(LP)), bytes_).view(vt8.dtype)
     return dict(q8=q8.reshape(B * H * LP, D), k8=k8.reshape(B * H * LP, D),

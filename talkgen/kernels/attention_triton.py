@@ -328,7 +328,6 @@ def _wgmma_key_column(n):
     return (n - j) | (j & 1) | (((j >> 3) & 1) << 1) | (((j >> 1) & 3) << 2)
 
 
-
 @triton.jit
 def _load_v(desc, VT8, v_base, bh, v_row, v_col, n0, L, LP, svl, D: tl.constexpr, BN: tl.constexpr,
             USE_TMA: tl.constexpr, PV_FP8: tl.constexpr):

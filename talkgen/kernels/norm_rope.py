@@ -5,7 +5,8 @@ It computes what ``talkgen.models.dit`` does in torch, with the same roundings: 
 rounded to the input dtype, times the weight (rounded again), then each (even, odd) pair rotated in
 float32 and rounded once. Inductor compiles the same torch code into a two-pass reduction at
 ~1.2 TB/s (0.58 ms per [32,928 x 5120] tensor on an H100, 2026-12-06); this kernel reads the row
-once and runs at ~2.6 TB/s (0.26 ms): 0.65 ms less per DiT block for q and k together.
+once and runs at ~2.6 TB/s (0.26 ms). In the DiT: 0.64 ms less per block (a 10-block A/B on an
+H200, -0.86 % per NFE; docs/performance.md).
 """
 
 from __future__ import annotations
@@ -44,9 +45,13 @@ def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin:
     """``x`` [B, L, C] (bf16 / fp16, CUDA), ``weight`` [C], ``cos`` / ``sin`` [L, C / heads / 2]
     float32 -> RoPE(RMSNorm(x)) as [B, L, heads, C / heads] in x's dtype."""
     b, n, width = x.shape
+    half_head = width // heads // 2
+    if cos.shape != (n, half_head) or sin.shape != (n, half_head) or weight.shape != (width,):
+        raise ValueError(f"rms_norm_rope: x {tuple(x.shape)} with {heads} heads needs weight ({width},) and "
+                         f"cos / sin ({n}, {half_head}); got {tuple(weight.shape)}, {tuple(cos.shape)}, "
+                         f"{tuple(sin.shape)}")
     x = x.contiguous()
     out = torch.empty_like(x)
-    half_head = width // heads // 2
     if b * n:
         _rms_norm_rope[(b * n,)](x, weight.to(x.dtype).contiguous(), cos.contiguous(), sin.contiguous(), out, n, eps,
                                  WIDTH=width, BLOCK=triton.next_power_of_2(width), HALF_HEAD=half_head,

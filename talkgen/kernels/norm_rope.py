@@ -5,8 +5,8 @@ It computes what ``talkgen.models.dit`` does in torch, with the same roundings: 
 rounded to the input dtype, times the weight (rounded again), then each (even, odd) pair rotated in
 float32 and rounded once. Inductor compiles the same torch code into a two-pass reduction at
 ~1.2 TB/s (0.58 ms per [32,928 x 5120] tensor on an H100, 2026-12-06); this kernel reads the row
-once and runs at ~2.6 TB/s (0.26 ms). In the DiT: 0.64 ms less per block (a 10-block A/B on an
-H200, -0.86 % per NFE; docs/performance.md).
+once (its first version: 0.26 ms there, ~2.6 TB/s; as committed, 0.18 ms on an H200). In the DiT:
+0.64 ms less per block (a 10-block A/B on an H200, -0.86 % per NFE; docs/performance.md).
 """
 
 from __future__ import annotations

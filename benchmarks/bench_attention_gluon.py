@@ -49,7 +49,7 @@ Measured on 2026-12-06 (H100 80GB HBM3, Triton 3.6.0, torch 2.11): the table in
 ws-split-ppns-lr-m128-n128-s3-w4 (every hand-over of the consumer loop through named barriers, O's
 rescale skipped while no row max moves by more than 8), 690 / 671 TFLOP/s at L 32,928 / 75,600 =
 1.2x SDPA in its process (``ppns`` 634 / 615 in the same run, ``--variants 4 5 6 7``); 8-bit:
-fp8-ppns-lr-kp-i8qk-m128-n128-s3-w4 805-809 / 815-821 (``--fp8 --variants 5 7 9 10 8``, two runs;
+fp8-ppns-lr-kp-i8qk-m128-n128-s3-w4 805-809 / 815-821 (``--fp8 --variants 5 7 8``, two runs;
 fp8-ppns-lr 781-782 / 789-791 in the same processes).
 
 Compile-only numbers from the CPU machine (Triton 3.6.0 and 3.9.0, ptxas for sm_90a, bf16, D=128;

@@ -311,11 +311,6 @@ class Fp8Config:
     # P goes from the S registers to the wgmma's A operand without crossing threads, and V^T is
     # stored with its columns in the same order (``quantize_qkv(..., wgmma_key_order=True)``).
     key_permuted_v: bool = False
-    # 1 / fma_exp2_share of P's exp2s (0: none; 2, 4, 8) from FMA-pipe instructions instead of the
-    # MUFU (FlashAttention-4's offload, ``_exp2_mixed``). With 8-bit operands the tensor cores
-    # finish a K tile in half the bf16 time, while a warp's 64 MUFU.EX2 per tile still take 512
-    # cycles of its quarter's MUFU (4 lanes per clock).
-    fma_exp2_share: int = 0
 
     @property
     def name(self) -> str:
@@ -325,7 +320,6 @@ class Fp8Config:
             pp += "-lr" if self.rescale_threshold == 0.5 else f"-lr{self.rescale_threshold:g}"
         pp += "" if self.p_shift == P_SHIFT_DEFAULT else f"-p{self.p_shift:g}"
         pp += "-kp" if self.key_permuted_v else ""
-        pp += f"-e{self.fma_exp2_share}" if self.fma_exp2_share else ""
         return f"fp8-{pp}-{qk}-m{self.block_m}-n{self.block_n}-s{self.stages}-w{self.num_warps}"
 
 
@@ -363,19 +357,15 @@ FP8_VARIANTS: tuple[Fp8Config, ...] = (
               key_permuted_v=True),
     Fp8Config(block_n=128, stages=3, qk_int8=True, named_turns=True, named_sync=True, lazy_rescale=True,
               rescale_threshold=1.5, p_shift=7.0, key_permuted_v=True),
-    # ... and an eighth / a quarter of the exp2s on the FMA pipe.
-    Fp8Config(block_n=128, stages=3, qk_int8=True, named_turns=True, named_sync=True, lazy_rescale=True,
-              key_permuted_v=True, fma_exp2_share=8),
-    Fp8Config(block_n=128, stages=3, qk_int8=True, named_turns=True, named_sync=True, lazy_rescale=True,
-              key_permuted_v=True, fma_exp2_share=4),
 )
 
 # What TALKGEN_ATTENTION=gluon-fp8 uses (opt-in): ppns-lr with P handed over in the accumulator's
 # key order (``kp``): 805 / 809 TFLOP/s bf16-equivalent at 32,928 tokens, 815 / 821 at 75,600 (two
 # processes, the quantization pass included), against 781-782 / 789-791 for ppns-lr in the same
 # processes; 1.10-1.12x the tl kernel triton-fp8-fast; the same errors (2.5e-2 on DiT-like inputs;
-# 2026-12-06, H100, benchmarks/bench_attention_gluon.py --fp8 --variants 5 7 9 10 8). lr1.5-p7-kp
-# (810-812 / 821) and kp-e8 (804-808 / 817-820) are as fast within the spread, kp-e4 slower (733-735).
+# 2026-12-06, H100, benchmarks/bench_attention_gluon.py --fp8 --variants 5 7 8 and two variants since
+# removed). lr1.5-p7-kp (810-812 / 821) is as fast within the spread. Measured and removed: an eighth /
+# a quarter of P's exp2s on the FMA pipe (FlashAttention-4's MUFU offload; 804-808 / 733-735).
 FP8_DEFAULT_CONFIG = next(cfg for cfg in FP8_VARIANTS if cfg.name == "fp8-ppns-lr-kp-i8qk-m128-n128-s3-w4")
 
 # ------------------------------------------------------------------------------------------------
@@ -966,40 +956,8 @@ if GLUON_AVAILABLE:
     # so the raw 8-bit product only needs one per-row factor per K tile: row_scale = q_scale * sk.
 
     @gluon.jit
-    def _exp2_fma(x):
-        """2^x from FMA-pipe instructions alone, no MUFU (FlashAttention-4's offload of the exp2
-        unit): n = round(x) by the 1.5 * 2^23 rounding trick, 2^(x - n) by a degree-3 polynomial on
-        [-0.5, 0.5] (relative error 1.0e-4, against e4m3 P's 2^-4), then n added to the exponent
-        bits. x is clamped at -126 so that the exponent cannot wrap (-inf -> ~1e-38, 0 in e4m3)."""
-        x = gl.maximum(x, -126.0)
-        j = x + 12582912.0  # float bits of j: those of 1.5 * 2^23, plus round(x) in the low mantissa
-        f = x - (j - 12582912.0)
-        p = f * 0.05500893 + 0.24221098
-        p = p * f + 0.6932829
-        p = p * f + 1.0
-        # (bits(j) << 23) keeps round(x) << 23 (the constant's low 9 bits are 0): 2^round(x) * p.
-        bits = p.to(gl.int32, bitcast=True) + (j.to(gl.int32, bitcast=True) << 23)
-        return bits.to(gl.float32, bitcast=True)
-
-    @gluon.jit
-    def _exp2_mixed(x, ROWS: gl.constexpr, COLS: gl.constexpr, FMA_SHARE: gl.constexpr):
-        """exp2 of x [ROWS, COLS] with 1 / FMA_SHARE of the columns (0: none) on the FMA pipe
-        (``_exp2_fma``), the rest on the MUFU. Each halving splits off a column bit that the wgmma
-        layout keeps in registers, so the split and the join move no data."""
-        if FMA_SHARE == 0:
-            return gl.exp2(x)
-        else:
-            lo, hi = gl.split(gl.permute(gl.reshape(x, [ROWS, 2, COLS // 2]), [0, 2, 1]))
-            lo = gl.exp2(lo)
-            if FMA_SHARE == 2:
-                hi = _exp2_fma(hi)
-            else:
-                hi = gl.convert_layout(_exp2_mixed(hi, ROWS, COLS // 2, FMA_SHARE // 2), lo.type.layout)
-            return gl.reshape(gl.permute(gl.join(lo, hi), [0, 2, 1]), [ROWS, COLS])
-
-    @gluon.jit
     def _softmax_core_fp8(x, m_i, l_i, row_scale, QK_INT8: gl.constexpr, P_SHIFT: gl.constexpr,
-                          LAZY_THRESHOLD: gl.constexpr = 0.0, FMA_SHARE: gl.constexpr = 0):
+                          LAZY_THRESHOLD: gl.constexpr = 0.0):
         """Online softmax of one (already masked) block of 8-bit scores, base 2, float32 state.
 
         ``x``: int8 path: the float32 whose bits are ``0x4B400000 + s`` with s the int32 product
@@ -1030,8 +988,7 @@ if GLUON_AVAILABLE:
         else:
             off = m_new - P_SHIFT
         # -inf (masked column) * positive scale - off = -inf -> p = 0.
-        p = gl.convert_layout(_exp2_mixed(x * gl.expand_dims(row_scale, 1) - gl.expand_dims(off, 1), x.shape[0],
-                                          x.shape[1], FMA_SHARE), x.type.layout)
+        p = gl.exp2(x * gl.expand_dims(row_scale, 1) - gl.expand_dims(off, 1))
         alpha = gl.exp2(m_i - m_new)  # m_i = -inf on the first block: alpha = 0; shift-free
         # l sums the float32 p (before its e4m3 rounding, as the tl kernel; SageAttention-2 too).
         l_i = l_i * alpha + gl.sum(p, axis=1)
@@ -1039,8 +996,7 @@ if GLUON_AVAILABLE:
 
     @gluon.jit
     def _softmax_fp8(s, m_i, l_i, row_scale, n0, L, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
-                     QK_INT8: gl.constexpr, P_SHIFT: gl.constexpr, LAZY_THRESHOLD: gl.constexpr = 0.0,
-                     FMA_SHARE: gl.constexpr = 0):
+                     QK_INT8: gl.constexpr, P_SHIFT: gl.constexpr, LAZY_THRESHOLD: gl.constexpr = 0.0):
         """int32 / float32 scores of one K tile -> P (float32, times 2^P_SHIFT) and the new state.
         The whole softmax sits in both arms of the masking branch (the FA3 loop's fence, see
         ``_online_softmax_fenced``): ptxas keeps the P V wait that follows after the exp2s.
@@ -1057,11 +1013,9 @@ if GLUON_AVAILABLE:
         if n0 + BLOCK_N > L:  # the last K tile: K8 rows past L are zeros (score 0), not -inf: mask
             cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             x = gl.where(gl.expand_dims(cols < L, 0), x, -float("inf"))
-            p, m_new, l_new, alpha = _softmax_core_fp8(x, m_i, l_i, row_scale, QK_INT8, P_SHIFT, LAZY_THRESHOLD,
-                                                       FMA_SHARE)
+            p, m_new, l_new, alpha = _softmax_core_fp8(x, m_i, l_i, row_scale, QK_INT8, P_SHIFT, LAZY_THRESHOLD)
         else:
-            p, m_new, l_new, alpha = _softmax_core_fp8(x, m_i, l_i, row_scale, QK_INT8, P_SHIFT, LAZY_THRESHOLD,
-                                                       FMA_SHARE)
+            p, m_new, l_new, alpha = _softmax_core_fp8(x, m_i, l_i, row_scale, QK_INT8, P_SHIFT, LAZY_THRESHOLD)
         return p, m_new, l_new, alpha
 
     @gluon.jit
@@ -1112,8 +1066,7 @@ if GLUON_AVAILABLE:
                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                       NUM_WARPS: gl.constexpr, ME: gl.constexpr, QK_INT8: gl.constexpr, P_SHIFT: gl.constexpr,
                       NAMED_TURNS: gl.constexpr = False, NAMED_SYNC: gl.constexpr = False,
-                      LAZY_THRESHOLD: gl.constexpr = 0.0, KEY_PERMUTED: gl.constexpr = False,
-                      FMA_SHARE: gl.constexpr = 0):
+                      LAZY_THRESHOLD: gl.constexpr = 0.0, KEY_PERMUTED: gl.constexpr = False):
         """One 64-row consumer warpgroup of the 8-bit kernel: ``_consumer_fa3``'s loop with ping-pong
         turns, 8-bit operands (wgmma K = 32 per instruction: ``instr_shape`` [16, N, 32], P's
         register operand packs 4 bytes per 32-bit register: ``k_width=4``):
@@ -1162,7 +1115,7 @@ if GLUON_AVAILABLE:
         _pass_turn(turn, ME, True, NAMED_TURNS, NUM_WARPS)
         s = warpgroup_mma_wait(num_outstanding=0, deps=[s_token])
         p, m_i, l_i, alpha = _softmax_fp8(s, m_i, l_i, q_scale * sk, 0, L, BLOCK_N, s_layout, QK_INT8, P_SHIFT,
-                                          LAZY_THRESHOLD, FMA_SHARE)
+                                          LAZY_THRESHOLD)
 
         for j in range(1, n_blocks):  # turn j
             slot = j % STAGES
@@ -1183,7 +1136,7 @@ if GLUON_AVAILABLE:
             _pass_turn(turn, ME, True, NAMED_TURNS, NUM_WARPS)
             s = warpgroup_mma_wait(num_outstanding=1, deps=[s_token])
             p, m_i, l_i, alpha = _softmax_fp8(s, m_i, l_i, q_scale * sk, j * BLOCK_N, L, BLOCK_N, s_layout,
-                                              QK_INT8, P_SHIFT, LAZY_THRESHOLD, FMA_SHARE)
+                                              QK_INT8, P_SHIFT, LAZY_THRESHOLD)
             # deps: only the accumulator. Triton (3.6 and 3.9) cannot lower 8-bit register deps
             # ("Unexpected bitwidth in WGMMAWaitGroupOp: 8"). P's registers need no LLVM-level
             # keep-alive: p_op is not used after the issue, its next definition (iteration j + 1)
@@ -1241,7 +1194,7 @@ if GLUON_AVAILABLE:
                              STAGES: gl.constexpr, NUM_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                              CONSUMER_REGS: gl.constexpr, QK_INT8: gl.constexpr, P_SHIFT: gl.constexpr,
                              NAMED_TURNS: gl.constexpr, NAMED_SYNC: gl.constexpr, LAZY_THRESHOLD: gl.constexpr,
-                             KEY_PERMUTED: gl.constexpr, FMA_SHARE: gl.constexpr):
+                             KEY_PERMUTED: gl.constexpr):
         """Program (query tile, batch * head) of the 8-bit kernel: ``_attn_fwd_hopper``'s ping-pong
         layout (producer warp, two 64-row consumer warpgroups taking turns) on 8-bit tiles."""
         pid_m = gl.program_id(0)
@@ -1275,11 +1228,11 @@ if GLUON_AVAILABLE:
                     (_consumer_fp8, (out_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, v_mean_ptr, q_smem.index(0),
                                      k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, turn, bh, b, h, m0, L, H, LP,
                                      ROWS, BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS, 0, QK_INT8, P_SHIFT, NAMED_TURNS,
-                                     True, LAZY_THRESHOLD, KEY_PERMUTED, FMA_SHARE)),
+                                     True, LAZY_THRESHOLD, KEY_PERMUTED)),
                     (_consumer_fp8, (out_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, v_mean_ptr, q_smem.index(1),
                                      k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, turn, bh, b, h, m0 + ROWS, L,
                                      H, LP, ROWS, BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS, 1, QK_INT8, P_SHIFT,
-                                     NAMED_TURNS, True, LAZY_THRESHOLD, KEY_PERMUTED, FMA_SHARE)),
+                                     NAMED_TURNS, True, LAZY_THRESHOLD, KEY_PERMUTED)),
                     (_producer_fp8, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready,
                                      kv_empty, bh, m0, L, LP, BLOCK_N, STAGES, HEAD_DIM, True)),
                     (_signaller, (q_ready, k_ready, v_ready, L, BLOCK_N, STAGES)),
@@ -1293,11 +1246,11 @@ if GLUON_AVAILABLE:
                     (_consumer_fp8, (out_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, v_mean_ptr, q_smem.index(0),
                                      k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, turn, bh, b, h, m0, L, H, LP,
                                      ROWS, BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS, 0, QK_INT8, P_SHIFT, NAMED_TURNS,
-                                     False, LAZY_THRESHOLD, KEY_PERMUTED, FMA_SHARE)),
+                                     False, LAZY_THRESHOLD, KEY_PERMUTED)),
                     (_consumer_fp8, (out_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, v_mean_ptr, q_smem.index(1),
                                      k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, turn, bh, b, h, m0 + ROWS, L,
                                      H, LP, ROWS, BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS, 1, QK_INT8, P_SHIFT,
-                                     NAMED_TURNS, False, LAZY_THRESHOLD, KEY_PERMUTED, FMA_SHARE)),
+                                     NAMED_TURNS, False, LAZY_THRESHOLD, KEY_PERMUTED)),
                     (_producer_fp8, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready,
                                      kv_empty, bh, m0, L, LP, BLOCK_N, STAGES, HEAD_DIM)),
                 ],
@@ -1445,8 +1398,6 @@ def _validate_fp8(config: Fp8Config, head_dim: int = 128) -> None:
         raise ValueError(f"{config}: block_n must be 64, 128 or 256 (a divisor of quantize_qkv's 256-token padding)")
     if config.stages < 2:
         raise ValueError(f"{config}: the K/V ring needs at least 2 stages")
-    if config.fma_exp2_share not in (0, 2, 4, 8):
-        raise ValueError(f"{config}: fma_exp2_share must be 0, 2, 4 or 8")
     if fp8_shared_bytes(config, head_dim) > SHARED_LIMIT:
         raise ValueError(f"{config}: {fp8_shared_bytes(config, head_dim)} B of shared memory > {SHARED_LIMIT}")
     if config.named_sync and not (config.named_turns and config.stages <= 3):
@@ -1458,7 +1409,7 @@ def _fp8_constexprs(config: Fp8Config, head_dim: int) -> dict:
                 NUM_WARPS=config.num_warps, PRODUCER_REGS=config.producer_regs, CONSUMER_REGS=config.consumer_regs,
                 QK_INT8=config.qk_int8, P_SHIFT=config.p_shift, NAMED_TURNS=config.named_turns,
                 NAMED_SYNC=config.named_sync, LAZY_THRESHOLD=config.rescale_threshold if config.lazy_rescale else 0.0,
-                KEY_PERMUTED=config.key_permuted_v, FMA_SHARE=config.fma_exp2_share)
+                KEY_PERMUTED=config.key_permuted_v)
 
 
 def _fp8_layouts(config: Fp8Config, head_dim: int):

@@ -4,8 +4,9 @@ Odd lengths (tails of every block size), batch 1-3, the DiT's [B, L, H, D] layou
 [B, H, L, D], bf16 and fp16: the bf16 kernel within 1.5x SDPA's error against float32 (plus 1e-3),
 the 8-bit kernel within 3e-2 (with e4m3 P and V: 3.5e-2 on DiT-like inputs, 8e-2 on noise);
 every output element written (the output buffer is poisoned with NaN first); and ``talkgen.models.attention.attention`` under ``torch.compile(fullgraph=True)`` through
-the custom op; and q / k RMSNorm + RoPE (``talkgen.kernels.norm_rope``) against the torch ops it
-replaces. Exits non-zero on a failure. Run on the GPU machine:
+the custom op; q / k RMSNorm + RoPE (``talkgen.kernels.norm_rope``) and the residual adds + LayerNorms
+(``talkgen.kernels.layer_norm``, ``benchmarks/check_layer_norm.py``) against the torch ops they
+replace. Exits non-zero on a failure. Run on the GPU machine:
 
     python benchmarks/check_attention.py
 """
@@ -96,6 +97,9 @@ def main() -> int:
             failures.append(("compile", setting, err, same))
     os.environ.pop("TALKGEN_ATTENTION")
     failures += check_norm_rope()
+    from benchmarks.check_layer_norm import check as check_layer_norm
+
+    failures += check_layer_norm()
     print("FAILED:", failures if failures else "none")
     return 1 if failures else 0
 

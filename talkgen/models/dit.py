@@ -185,13 +185,56 @@ def apply_rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
 
 
+def _own_kernel_takes(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
+    """Whether one of talkgen's Triton kernels computes an op on ``x``: bf16 / fp16 on a GPU where
+    they may run (:func:`talkgen.models.attention.own_kernels_allowed`), and no autograd (they have
+    no backward)."""
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params))
+    return x.dtype in (torch.bfloat16, torch.float16) and not needs_grad and own_kernels_allowed(x.device.type)
+
+
+def _modulate(normed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """AdaLN: ``normed * (1 + scale) + shift`` in float32, back in ``normed``'s dtype."""
+    return (normed.float() * (1 + scale) + shift).to(normed.dtype)
+
+
+def modulated_norm(x: torch.Tensor, norm: LayerNorm32, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``norm(x) * (1 + scale) + shift`` in x's dtype; ``scale`` / ``shift`` float32 [B, 1, C]. On a GPU
+    where talkgen's kernels may run, one Triton pass (:mod:`talkgen.kernels.layer_norm`, the same
+    roundings); else torch ops."""
+    if _own_kernel_takes(x, norm.weight, norm.bias, scale, shift):
+        from talkgen.kernels.layer_norm import layer_norm_modulate
+
+        return layer_norm_modulate(x, norm.weight, norm.bias, scale, shift, norm.eps)
+    return _modulate(norm(x), scale, shift)
+
+
+def add_and_norm(
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    norm: nn.Module,
+    gate: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A residual add and the next layer's input: ``(x + delta * gate, norm(that) * (1 + scale) + shift)``,
+    both in x's dtype (the sum in float32 when gated, as the reference); ``gate``, ``scale``, ``shift``
+    are optional float32 [B, 1, C]. One Triton pass where :func:`modulated_norm` takes one."""
+    if isinstance(norm, LayerNorm32) and _own_kernel_takes(x, delta, norm.weight, norm.bias, gate, scale, shift):
+        from talkgen.kernels.layer_norm import add_layer_norm
+
+        return add_layer_norm(x, delta, gate, norm.weight, norm.bias, scale, shift, norm.eps)
+    x = x + delta if gate is None else (x.float() + delta.float() * gate).to(x.dtype)
+    normed = norm(x)
+    return x, normed if scale is None else _modulate(normed, scale, shift)
+
+
 def norm_and_rope(x: torch.Tensor, norm: RMSNorm, rope: tuple[torch.Tensor, torch.Tensor], heads: int) -> torch.Tensor:
     """RoPE(RMSNorm(x)) of self-attention's q or k: ``x`` [B, L, C] -> [B, L, heads, C / heads] in
     x's dtype. On a GPU where talkgen's kernels may run, one Triton pass
     (:mod:`talkgen.kernels.norm_rope`, the same roundings; inference only: it has no backward);
     else these torch ops."""
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad)
-    if x.dtype in (torch.bfloat16, torch.float16) and not needs_grad and own_kernels_allowed(x.device.type):
+    if _own_kernel_takes(x, norm.weight):
         from talkgen.kernels.norm_rope import rms_norm_rope
 
         return rms_norm_rope(x, norm.weight, rope[0], rope[1], heads, norm.eps)
@@ -447,15 +490,16 @@ class DiTBlock(nn.Module):
         person_masks: torch.Tensor | None,
         parallel=None,
     ) -> torch.Tensor:
-        dtype = x.dtype
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).chunk(6, dim=1)  # [B,1,C] each
-        h = (self.norm1(x).float() * (1 + scale1) + shift1).to(dtype)
+        h = modulated_norm(x, self.norm1, scale1, shift1)
         y, person_map = self.self_attn(h, rope, person_masks, parallel)
-        x = (x.float() + y.float() * gate1).to(dtype)
-        x = x + self.cross_attn(self.norm3(x), text, image)
-        x = x + self.audio_cross_attn(self.norm_x(x), audio_tokens, frames, person_map, parallel)
-        y = self.ffn((self.norm2(x).float() * (1 + scale2) + shift2).to(dtype))
-        return (x.float() + y.float() * gate2).to(dtype)
+        # Each residual add is fused with the LayerNorm after it (add_and_norm): h is the next input.
+        x, h = add_and_norm(x, y, self.norm3, gate=gate1)
+        x, h = add_and_norm(x, self.cross_attn(h, text, image), self.norm_x)
+        x, h = add_and_norm(x, self.audio_cross_attn(h, audio_tokens, frames, person_map, parallel), self.norm2,
+                            scale=scale2, shift=shift2)
+        y = self.ffn(h)
+        return (x.float() + y.float() * gate2).to(x.dtype)
 
 
 class Head(nn.Module):

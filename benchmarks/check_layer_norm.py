@@ -2,9 +2,9 @@
 (``talkgen.kernels.layer_norm``) against the torch ops it replaces, at the DiT's width.
 
 1. Correctness, bf16, batch 1 at a 480p clip's 32,928 tokens and batch 2 at an odd length, for the
-   block's four calls: the new residual equal to the torch path's (within one rounding where the
-   gate's product may be fused into an FMA), the output within one rounding of the normalised row
-   and one of the output of the torch ops applied to that residual, nearly all elements equal, and
+   block's four calls: the new residual and the output within one rounding of the torch ops' (the
+   output's from the same residual; float32-level differences of the summed terms allowed, where
+   an FMA or the statistics' order differs and the terms cancel), nearly all elements equal, and
    the same under ``torch.compile(fullgraph=True)``.
 2. Speed at [1, 32,928, 5120]: each call as the fused op and as the torch ops compiled by Inductor
    (what the compiled block ran before), median of 20 CUDA-event-timed calls, with the bytes moved.
@@ -51,14 +51,32 @@ def run_form(form, norm, x, delta, chunks):
 
 
 def torch_output(form, norm, total, chunks):
-    """The torch ops' output for a given residual, and the size of one rounding of each element:
-    that of the normalised row (times the modulation) plus that of the output, in units of the
-    dtype's ulp."""
+    """The torch ops' output for a given residual, and two magnitudes per element that bound how far
+    an output computed with the same roundings may lie from it: ``rounding`` (in units of the
+    dtype's ulp: one rounding of the normalised row, scaled by the modulation, plus one of the
+    output) and ``operands`` (the size of the terms summed in float32, whose order and fused
+    multiply-adds may differ at float32's precision: where they cancel, that is more than an ulp of
+    the small result)."""
     shift, scale, _ = chunks
     normed = norm(total)
-    expected = dit._modulate(normed, scale, shift) if form[3] else normed
-    factor = (1 + scale).abs() if form[3] else 1.0
-    return expected, normed.float().abs() * factor + expected.float().abs()
+    unit = torch.nn.functional.layer_norm(total.float(), (total.shape[-1],), eps=norm.eps)  # before any affine
+    if form[3]:  # modulated: normed * (1 + scale) + shift
+        expected = dit._modulate(normed, scale, shift)
+        scaled = normed.float().abs() * (1 + scale).abs()
+        return expected, scaled + expected.float().abs(), scaled + shift.abs()
+    if form[2]:  # affine: unit * weight + bias
+        weighted = (unit * norm.weight.float()).abs()
+        return normed, normed.float().abs(), weighted + norm.bias.float().abs()
+    return normed, normed.float().abs(), unit.abs()
+
+
+def residual_operands(form, x, delta, chunks) -> torch.Tensor:
+    """The magnitude of the residual add's terms (see :func:`torch_output`)."""
+    gate = chunks[2] if form[1] == "gate" else 1.0
+    return x.float().abs() + (delta.float() * gate).abs()
+
+
+FLOAT32_SLACK = 2 ** -16  # differences at float32 precision (2^-24), with room for the statistics' own
 
 
 def inputs(batch: int, tokens: int, width: int, dtype, device, generator):
@@ -85,15 +103,17 @@ def check() -> list:
             torch._dynamo.reset()  # a fresh compile per form (one lambda's code would hit the recompile limit)
             compiled = torch.compile(lambda *a: tuple(t * 1 for t in run_form(form, norm, *a)), fullgraph=True)(
                 x, delta, chunks)
-            expected, bound = torch_output(form, norm, total, chunks)
-            total_worst = ((total.float() - want_total.float()).abs() / want_total.float().abs().clamp_min(1e-30)).max().item() / ulp
-            worst = ((out.float() - expected.float()).abs() / bound.clamp_min(1e-30)).max().item() / ulp
+            expected, rounding, operands = torch_output(form, norm, total, chunks)
+            total_allowed = ulp * want_total.float().abs() + FLOAT32_SLACK * residual_operands(form, x, delta, chunks)
+            total_worst = ((total.float() - want_total.float()).abs() / total_allowed.clamp_min(1e-30)).max().item()
+            allowed = ulp * rounding + FLOAT32_SLACK * operands
+            worst = ((out.float() - expected.float()).abs() / allowed.clamp_min(1e-30)).max().item()
             differing = (out != expected).float().mean().item()
             same_compiled = torch.equal(compiled[0], total) and torch.equal(compiled[1], out)
-            ok = total_worst <= (1 if form[1] == "gate" else 0) and worst <= 1 and differing < 0.02 and same_compiled
-            print(f"{'ok  ' if ok else 'FAIL'} {form[0]}, B{batch} L{tokens}: residual {total_worst:.2f} ulp, output "
-                  f"{worst:.2f} of one rounding each, {differing:.2%} of elements differ, compiled == eager: "
-                  f"{same_compiled}", flush=True)
+            ok = total_worst <= 1 and worst <= 1 and differing < 0.02 and same_compiled
+            print(f"{'ok  ' if ok else 'FAIL'} {form[0]}, B{batch} L{tokens}: worst difference of the residual "
+                  f"{total_worst:.2f}, of the output {worst:.2f} of what the roundings allow, {differing:.4%} of "
+                  f"output elements differ, compiled == eager: {same_compiled}", flush=True)
             if not ok:
                 failures.append((form[0], batch, total_worst, worst, differing, same_compiled))
     return failures

@@ -1,6 +1,7 @@
 # Sourced by the GPU scripts (run_gpu_table.sh, run_gpu_tiers.sh): environment, the carried wheels
 # (.whl/ and .whl_ao/ from benchmarks/fetch_gpu_wheels.sh), the GPU and versions on record, and
-# `step`, which runs one check in its own process under a time limit and the script's deadline.
+# `step`, which runs one check in its own process under a time limit and the script's deadline
+# (SKIP_STEPS="name ..." skips steps by name).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OUT=${OUT:-benchmarks/results}
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
@@ -17,6 +18,7 @@ python3 -c "import torch, torchao, triton; print('torch', torch.__version__, 'to
 
 step() {  # step NAME LIMIT_S command...: run under min(LIMIT, time left), log to $OUT/NAME.log
   local name=$1 limit=$2; shift 2
+  case " ${SKIP_STEPS:-} " in *" $name "*) echo "[$SECONDS s] $name: skipped (SKIP_STEPS)" | tee -a "$OUT/steps.txt"; return;; esac
   local left=$((DEADLINE - SECONDS))
   if [ "$left" -lt 25 ]; then echo "[$SECONDS s] $name: skipped (deadline)" | tee -a "$OUT/steps.txt"; return; fi
   [ "$limit" -gt "$left" ] && limit=$left

@@ -16,8 +16,9 @@ H100, 1-2.5e-2 relative error instead of SDPA's 2e-3), ``triton-fp8-fast`` (int8
 arithmetic in Gluon, Hopper only: 1.42-1.48x SDPA; head_dim 64 goes to ``triton-fp8-fast``). The
 8-bit ones are opt-in.
 Everything else (cross-attention, the person map, CPU runs) always uses SDPA. ``sdpa`` also turns
-off talkgen's other GPU kernel (q / k RMSNorm + RoPE in one pass, :mod:`talkgen.kernels.norm_rope`):
-PyTorch's own kernels only.
+off talkgen's other GPU kernels (q / k RMSNorm + RoPE in one pass, :mod:`talkgen.kernels.norm_rope`;
+each residual add with the LayerNorm after it, :mod:`talkgen.kernels.layer_norm`): PyTorch's own
+kernels only.
 """
 
 from __future__ import annotations
@@ -85,9 +86,10 @@ def resolve_backend(device_type: str, device_index: int = 0) -> str:
 
 @torch.compiler.assume_constant_result
 def own_kernels_allowed(device_type: str) -> bool:
-    """Whether talkgen's plain Triton kernels (not attention: ``talkgen.kernels.norm_rope``) may run on
-    a device type: a CUDA GPU, Triton importable, and ``TALKGEN_ATTENTION`` not ``sdpa`` (which
-    keeps a run on PyTorch's own kernels only). Constant for a process (torch.compile bakes it in)."""
+    """Whether talkgen's plain Triton kernels (not attention: ``talkgen.kernels.norm_rope`` and
+    ``talkgen.kernels.layer_norm``) may run on a device type: a CUDA GPU, Triton importable, and
+    ``TALKGEN_ATTENTION`` not ``sdpa`` (which keeps a run on PyTorch's own kernels only). Constant
+    for a process (torch.compile bakes it in)."""
     return (device_type == "cuda" and torch.cuda.is_available() and backend_setting() != "sdpa"
             and _triton_version() is not None)
 
@@ -112,7 +114,8 @@ def describe_backend() -> str:
         backend = resolve_backend(device)
     except TalkgenError as exc:
         return f"invalid setting: {exc}"
-    norm_rope = "; q / k RMSNorm + RoPE in one Triton pass" if own_kernels_allowed(device) else ""
+    norm_rope = ("; q / k RMSNorm + RoPE and each residual add + LayerNorm in one Triton pass"
+                 if own_kernels_allowed(device) else "")
     if backend == "sdpa":
         return f"torch SDPA (TALKGEN_ATTENTION={setting}){norm_rope}"
     what = {"triton": "talkgen Triton flash-attention, bf16",

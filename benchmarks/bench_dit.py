@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import cuda_time, median, peak_rss_gib, random_dit, save  # noqa: E402
 from talkgen.models.attention import resolve_backend  # noqa: E402
+from talkgen.models import dit  # noqa: E402
 from talkgen.models.dit import DiTConfig  # noqa: E402
 
 
@@ -52,11 +53,16 @@ def main() -> None:
                     help="torchao's recommended Inductor settings (coordinate-descent tuning, TF32 matmuls)")
     ap.add_argument("--gluon-variant", default=None,
                     help="with TALKGEN_ATTENTION=gluon: the kernel configuration by name (talkgen.kernels.attention_gluon.VARIANTS)")
+    ap.add_argument("--torch-norms", action="store_true",
+                    help="the block's residual adds + LayerNorms as torch ops (Inductor) instead of "
+                         "talkgen.kernels.layer_norm: the A/B of that kernel")
     ap.add_argument("--no-batched", action="store_true",
                     help="skip the batched-guidance variants (each compiles its own batch shape)")
     a = ap.parse_args()
 
     dtype = torch.bfloat16
+    if a.torch_norms:  # the block looks these up at call time, so the compiled forward traces the torch ops
+        dit.add_and_norm, dit.modulated_norm = dit.torch_add_and_norm, dit.torch_modulated_norm
     config = DiTConfig(num_layers=a.layers)
     model = random_dit(config, dtype)
     if a.gluon_variant:
@@ -104,7 +110,7 @@ def main() -> None:
     gemms = "fp8" if a.fp8 else "bf16"
     save(f"dit{a.tag}_{'compiled' if a.compile else 'eager'}_{a.people}p{'_fp8' if a.fp8 else ''}", dict(
         impl="talkgen", compiled=a.compile, dtype="bf16", gemms=gemms, torchao_inductor=a.torchao_inductor,
-        gluon_variant=a.gluon_variant,
+        gluon_variant=a.gluon_variant, fused_norms=not a.torch_norms,
         attention=resolve_backend("cuda"), attention_setting=os.environ.get("TALKGEN_ATTENTION", "auto"), layers=a.layers, people=a.people, tokens=tokens,
         frames=a.frames, size=[a.height, a.width], nfe_s=median(per_nfe), nfe_all=per_nfe,
         step3_s=median(step3), step2_s=median(step2),

@@ -206,7 +206,7 @@ def modulated_norm(x: torch.Tensor, norm: LayerNorm32, scale: torch.Tensor, shif
         from talkgen.kernels.layer_norm import layer_norm_modulate
 
         return layer_norm_modulate(x, norm.weight, norm.bias, scale, shift, norm.eps)
-    return _modulate(norm(x), scale, shift)
+    return torch_modulated_norm(x, norm, scale, shift)
 
 
 def add_and_norm(
@@ -224,9 +224,26 @@ def add_and_norm(
         from talkgen.kernels.layer_norm import add_layer_norm
 
         return add_layer_norm(x, delta, gate, norm.weight, norm.bias, scale, shift, norm.eps)
+    return torch_add_and_norm(x, delta, norm, gate, scale, shift)
+
+
+def torch_add_and_norm(
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    norm: nn.Module,
+    gate: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`add_and_norm` in torch ops (what Inductor fuses when the block is compiled)."""
     x = x + delta if gate is None else (x.float() + delta.float() * gate).to(x.dtype)
     normed = norm(x)
     return x, normed if scale is None else _modulate(normed, scale, shift)
+
+
+def torch_modulated_norm(x: torch.Tensor, norm: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """:func:`modulated_norm` in torch ops."""
+    return _modulate(norm(x), scale, shift)
 
 
 def norm_and_rope(x: torch.Tensor, norm: RMSNorm, rope: tuple[torch.Tensor, torch.Tensor], heads: int) -> torch.Tensor:

@@ -227,15 +227,9 @@ def add_and_norm(
     return torch_add_and_norm(x, delta, norm, gate, scale, shift)
 
 
-def torch_add_and_norm(
-    x: torch.Tensor,
-    delta: torch.Tensor,
-    norm: nn.Module,
-    gate: torch.Tensor | None = None,
-    scale: torch.Tensor | None = None,
-    shift: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`add_and_norm` in torch ops (what Inductor fuses when the block is compiled)."""
+def torch_add_and_norm(x: torch.Tensor, delta: torch.Tensor, norm: nn.Module, gate=None, scale=None,
+                       shift=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`add_and_norm` (the same arguments) in torch ops, which Inductor fuses when the block is compiled."""
     x = x + delta if gate is None else (x.float() + delta.float() * gate).to(x.dtype)
     normed = norm(x)
     return x, normed if scale is None else _modulate(normed, scale, shift)

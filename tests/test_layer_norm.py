@@ -25,9 +25,8 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, re
 def test_fused_kernel_matches_the_torch_path_in_the_interpreter():
     code = r"""
 import torch
-from benchmarks.check_layer_norm import (FLOAT32_SLACK, FORMS, inputs, make_norm, residual_operands, run_form,
-                                        torch_output)
-from talkgen.models import dit
+from benchmarks.check_layer_norm import (FLOAT32_SLACK, FORMS, _with_kernels, inputs, make_norm, residual_operands,
+                                        run_form, torch_output)
 
 g = torch.Generator().manual_seed(0)
 for dtype in (torch.float16, torch.bfloat16):
@@ -36,11 +35,11 @@ for dtype in (torch.float16, torch.bfloat16):
     for form in FORMS:
         norm = make_norm(form, 48, dtype, "cpu", g)
         with torch.no_grad():
-            dit.own_kernels_allowed = lambda device_type: False
+            _with_kernels(False)
             want_total, _ = run_form(form, norm, x, delta, chunks)
-            dit.own_kernels_allowed = lambda device_type: True
+            _with_kernels(True)
             total, out = run_form(form, norm, x, delta, chunks)
-            dit.own_kernels_allowed = lambda device_type: False
+            _with_kernels(False)
             expected, rounding, operands = torch_output(form, norm, total, chunks)
         assert total.dtype == out.dtype == dtype and out.shape == x.shape
         diff = (out.float() - expected.float()).abs()

@@ -1,7 +1,8 @@
 # Sourced by the GPU scripts (run_gpu_table.sh, run_gpu_tiers.sh): environment, the carried wheels
 # (.whl/ and .whl_ao/ from benchmarks/fetch_gpu_wheels.sh), the GPU and versions on record, and
 # `step`, which runs one check in its own process under a time limit and the script's deadline
-# (SKIP_STEPS="name ..." skips steps by name).
+# (SKIP_STEPS="name ..." skips steps by name; SAVE_TGZ=path packs $OUT into one archive after each step,
+# so a call cut short still brings back every finished step's logs).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OUT=${OUT:-benchmarks/results}
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
@@ -28,5 +29,6 @@ step() {  # step NAME LIMIT_S command...: run under min(LIMIT, time left), log t
   local rc=$?
   echo "[$SECONDS s] $name: exit $rc after $((SECONDS - started)) s" | tee -a "$OUT/steps.txt"
   tail -n 2 "$OUT/$name.log"
+  if [ -n "${SAVE_TGZ:-}" ]; then tar czf "$SAVE_TGZ" -C "$OUT" . ; fi
   return 0
 }

@@ -8,8 +8,8 @@ A stream instead of one clip, and the same stream with each chunk's mp4 encoded 
 chunk starts (what talkgen did before ``BackgroundWriter``), to see what encoding beside the GPU
 work buys:
 
-    python benchmarks/bench_clip.py --steps 4 --fp8 --mode streaming --seconds 9
-    python benchmarks/bench_clip.py --steps 4 --fp8 --mode streaming --seconds 9 --sync-writer
+    python benchmarks/bench_clip.py --steps 4 --fp8 --mode streaming --seconds 6
+    python benchmarks/bench_clip.py --steps 4 --fp8 --mode streaming --seconds 6 --sync-writer
 """
 
 from __future__ import annotations

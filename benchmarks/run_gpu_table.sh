@@ -19,6 +19,8 @@ step clip_fp8 130 python3 benchmarks/bench_clip.py --steps 4 --text-scale 1 --au
 # Last, skipped when the deadline is near: the fp8 step with the opt-in 8-bit attention kernel as well.
 step dit_fp8_attention 110 env TALKGEN_ATTENTION=gluon-fp8 python3 benchmarks/bench_dit.py --people 1 --compile \
   --no-batched --fp8 --tag _fp8attn
+# CPU only (~25 s): the mp4 encode with x264 frame threads against slice threads on this host's cores
+step mp4_threads 60 python3 benchmarks/bench_mp4.py
 
 for f in "$OUT"/*.json; do echo "== $(basename "$f")"; cat "$f"; echo; done > "$OUT/results.txt"
 python3 benchmarks/table.py "$OUT" | tee "$OUT/table.md"

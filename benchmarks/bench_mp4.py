@@ -1,5 +1,6 @@
-"""How long ``talkgen.media.video.Mp4Writer`` takes to encode one clip's frames (h264 + AAC), with
-x264's frame threading (talkgen's setting) against PyAV's default slice threading. CPU only.
+"""How long ``talkgen.media.video.Mp4Writer`` takes to encode one clip's frames (h264 + AAC) with
+PyAV's default slice threading (what the writer uses) against x264's frame threading, on this
+machine's cores. CPU only.
 
     python benchmarks/bench_mp4.py                  # 81 frames of 448x896, 5 rounds, alternating
     python benchmarks/bench_mp4.py --frames 81 --height 720 --width 1280

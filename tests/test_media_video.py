@@ -49,15 +49,6 @@ def test_write_mp4_streams_duration_and_frames(tmp_path: Path) -> None:
     assert np.abs(decoded.astype(np.int16) - frames).mean() < 3
 
 
-def test_mp4_writer_encodes_with_frame_threads(tmp_path: Path) -> None:
-    """x264 with frame threads, not PyAV's default slice threads (faster: benchmarks/bench_mp4.py)."""
-    writer = video_mod.Mp4Writer(tmp_path / "threads.mp4", 96, 128, None, SR)
-    writer.write(_moving_portrait(5))
-    assert writer.video.codec_context.thread_type == av.codec.context.ThreadType.FRAME
-    writer.close()
-    assert probe_media(tmp_path / "threads.mp4").video.frames == 5
-
-
 def test_audio_is_padded_and_in_sync(tmp_path: Path) -> None:
     audio = np.zeros(SR // 2, np.float32)  # 0.5 s, shorter than the 2 s of video: gets padded
     onset = 4000

@@ -176,10 +176,6 @@ class Mp4Writer:
         options = {"crf": str(crf), "preset": preset, **({} if b_frames else {"bf": "0"})}
         self.video = self.container.add_stream(VIDEO_CODEC, rate=Fraction(fps), options=options)
         self.video.width, self.video.height, self.video.pix_fmt = self.width, self.height, "yuv420p"
-        # PyAV opens encoders with slice threading, which makes x264 split each frame into slices;
-        # frame threading (x264's own default) encodes several frames at once: 16-19 % faster on a
-        # 2-core machine (benchmarks/bench_mp4.py), for files ~1 % larger at the same CRF.
-        self.video.thread_type = "FRAME"
         self.video.codec_context.colorspace = _AVCOL_SPC_SMPTE170M
         self.video.codec_context.color_range = _AVCOL_RANGE_MPEG
         self.audio = None

@@ -18,6 +18,7 @@ The CPU tests (tests/test_layer_norm.py) run the same forms in Triton's interpre
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -85,28 +86,34 @@ def inputs(batch: int, tokens: int, width: int, dtype, device, generator):
     return x, delta, chunks
 
 
-def _with_kernels(allowed: bool) -> None:
-    """Whether ``talkgen.models.dit`` may use talkgen's kernels (``own_kernels_allowed``, patched)."""
+@contextmanager
+def kernels_allowed(allowed: bool):
+    """Inside: whether ``talkgen.models.dit`` may use talkgen's kernels (``own_kernels_allowed``
+    patched); the original is back afterwards, also after an error."""
+    original = dit.own_kernels_allowed
     dit.own_kernels_allowed = lambda device_type: allowed
+    try:
+        yield
+    finally:
+        dit.own_kernels_allowed = original
 
 
 @torch.no_grad()
 def check() -> list:
     failures = []
-    original = dit.own_kernels_allowed
     g = torch.Generator(device="cuda").manual_seed(5)
     ulp = 2 ** -7
     for batch, tokens in ((1, 32928), (2, 1001)):
         x, delta, chunks = inputs(batch, tokens, 5120, torch.bfloat16, "cuda", g)
         for form in FORMS:
             norm = make_norm(form, 5120, torch.bfloat16, "cuda", g)
-            _with_kernels(False)
-            want_total, _ = run_form(form, norm, x, delta, chunks)
-            _with_kernels(True)
-            total, out = run_form(form, norm, x, delta, chunks)
-            torch._dynamo.reset()  # a fresh compile per form (one lambda's code would hit the recompile limit)
-            compiled = torch.compile(lambda *a: tuple(t * 1 for t in run_form(form, norm, *a)), fullgraph=True)(
-                x, delta, chunks)
+            with kernels_allowed(False):
+                want_total, _ = run_form(form, norm, x, delta, chunks)
+            with kernels_allowed(True):
+                total, out = run_form(form, norm, x, delta, chunks)
+                torch._dynamo.reset()  # a fresh compile per form (one lambda's code would hit the recompile limit)
+                compiled = torch.compile(lambda *a: tuple(t * 1 for t in run_form(form, norm, *a)), fullgraph=True)(
+                    x, delta, chunks)
             expected, rounding, operands = torch_output(form, norm, total, chunks)
             total_allowed = ulp * want_total.float().abs() + FLOAT32_SLACK * residual_operands(form, x, delta, chunks)
             total_worst = ((total.float() - want_total.float()).abs() / total_allowed.clamp_min(1e-30)).max().item()
@@ -120,7 +127,6 @@ def check() -> list:
                   f"output elements differ, compiled == eager: {same_compiled}", flush=True)
             if not ok:
                 failures.append((form[0], batch, total_worst, worst, differing, same_compiled))
-    dit.own_kernels_allowed = original
     return failures
 
 
@@ -130,20 +136,17 @@ def time_forms() -> None:
     g = torch.Generator(device="cuda").manual_seed(6)
     x, delta, chunks = inputs(1, 32928, 5120, torch.bfloat16, "cuda", g)
     row_bytes = x.numel() * x.element_size()
-    original = dit.own_kernels_allowed
     for form in FORMS:
         norm = make_norm(form, 5120, torch.bfloat16, "cuda", g)
         moved = row_bytes * (2 if form[1] is None else 4)  # read x (+ delta), write output (+ residual)
         times = {}
         for fused in (False, True):
-            _with_kernels(fused)
             torch._dynamo.reset()
             fn = torch.compile(lambda *a: run_form(form, norm, *a), fullgraph=True)
-            with torch.no_grad():
+            with kernels_allowed(fused), torch.no_grad():
                 times[fused] = median(cuda_time(lambda: fn(x, delta, chunks), warmup=3, reps=20))
         print(f"{form[0]}: Inductor {times[False] * 1e3:.3f} ms ({moved / times[False] / 1e12:.2f} TB/s), fused "
               f"{times[True] * 1e3:.3f} ms ({moved / times[True] / 1e12:.2f} TB/s)", flush=True)
-    dit.own_kernels_allowed = original
 
 
 if __name__ == "__main__":

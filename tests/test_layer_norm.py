@@ -25,8 +25,13 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, re
 def test_fused_kernel_matches_the_torch_path_in_the_interpreter():
     code = r"""
 import torch
-from benchmarks.check_layer_norm import (FLOAT32_SLACK, FORMS, _with_kernels, inputs, make_norm, residual_operands,
+from benchmarks.check_layer_norm import (FLOAT32_SLACK, FORMS, inputs, kernels_allowed, make_norm, residual_operands,
                                         run_form, torch_output)
+from talkgen.kernels import layer_norm
+
+launches = []  # the kernel's launches: a form that silently took the torch path would compare torch with torch
+launch = layer_norm._launch
+layer_norm._launch = lambda *args: launches.append(1) or launch(*args)
 
 g = torch.Generator().manual_seed(0)
 for dtype in (torch.float16, torch.bfloat16):
@@ -35,12 +40,14 @@ for dtype in (torch.float16, torch.bfloat16):
     for form in FORMS:
         norm = make_norm(form, 48, dtype, "cpu", g)
         with torch.no_grad():
-            _with_kernels(False)
-            want_total, _ = run_form(form, norm, x, delta, chunks)
-            _with_kernels(True)
-            total, out = run_form(form, norm, x, delta, chunks)
-            _with_kernels(False)
-            expected, rounding, operands = torch_output(form, norm, total, chunks)
+            with kernels_allowed(False):
+                want_total, _ = run_form(form, norm, x, delta, chunks)
+            before = len(launches)
+            with kernels_allowed(True):
+                total, out = run_form(form, norm, x, delta, chunks)
+            assert len(launches) == before + 1, form
+            with kernels_allowed(False):
+                expected, rounding, operands = torch_output(form, norm, total, chunks)
         assert total.dtype == out.dtype == dtype and out.shape == x.shape
         diff = (out.float() - expected.float()).abs()
         slack = FLOAT32_SLACK * operands

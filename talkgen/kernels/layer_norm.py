@@ -9,9 +9,9 @@ same torch code into two-pass ("looped") reductions over the 5120-wide rows; thi
 row in registers between the statistics and the output. Measured on an H100 (2026-12-06,
 ``benchmarks/check_layer_norm.py``): alone, both take the same time (0.35-0.59 ms per call at
 [1, 32,928, 5120], 1.9-2.5 TB/s); inside the compiled block Inductor's four took 0.39-0.86 ms each in
-a profile. The DiT at 10 blocks ran at 0.712 s per NFE with this kernel against 0.720 s without, in
-two calls of one session, each on a freshly started H100: not an A/B in one process
-(``bench_dit.py --torch-norms`` is that; docs/performance.md).
+a profile. The DiT at 10 blocks, A/B/A in one call (2026-12-07, ``bench_dit.py --layers 10
+[--torch-norms]``): 0.7206 s per NFE with this kernel against 0.7234 / 0.7275 s without (0.4-1.0 %),
+0.6011 against 0.6062 s with fp8 GEMMs (docs/performance.md).
 """
 
 from __future__ import annotations

@@ -68,7 +68,7 @@ def build_pipeline(people: int, fp8: bool = False, memory: str | None = None, bu
 
         for block in dit.blocks:
             quantize_fp8(block)
-    compile_blocks(dit.blocks, forward_only=memory == "stream-blocks")
+    compile_blocks(dit.blocks)
     return Pipeline(**components, model="multitalk", device="cuda", memory=manager)
 
 

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import cuda_time, median, peak_rss_gib, random_dit, save  # noqa: E402
 from talkgen.models import dit  # noqa: E402
 from talkgen.models.attention import resolve_backend  # noqa: E402
+from talkgen.runtime.compile import compile_blocks  # noqa: E402
 from talkgen.models.dit import DiTConfig  # noqa: E402
 
 
@@ -56,6 +57,8 @@ def main() -> None:
     ap.add_argument("--torch-norms", action="store_true",
                     help="the block's residual adds + LayerNorms as torch ops (Inductor) instead of "
                          "talkgen.kernels.layer_norm: the A/B of that kernel")
+    ap.add_argument("--unshared", action="store_true",
+                    help="also time the steps with every pass computing the first block's self-attention itself")
     ap.add_argument("--no-batched", action="store_true",
                     help="skip the batched-guidance variants (each compiles its own batch shape)")
     a = ap.parse_args()
@@ -79,15 +82,21 @@ def main() -> None:
         for block in model.blocks:
             quantize_fp8(block)
     if a.compile:
-        for block in model.blocks:
-            block.compile(dynamic=False)
+        compile_blocks(model.blocks)
     cond = inputs(config, a.frames, a.height, a.width, a.people, dtype)
     null_audio = torch.zeros_like(cond["audio"][:, -1:])
 
-    def nfe(audio=None):
+    def nfe(audio=None, shared=None):
         with torch.no_grad():
             return model(**dict(cond, audio=cond["audio"] if audio is None else audio,
-                                ref_target_masks=cond["ref_target_masks"] if audio is None else None))
+                                ref_target_masks=cond["ref_target_masks"] if audio is None else None), shared=shared)
+
+    def step(passes: int, share: bool = True):
+        """One guidance step as the pipeline runs it: the passes one after the other, the first
+        block's self-attention shared between them (talkgen.models.dit.SharedFirstBlock) unless
+        ``share`` is False."""
+        shared = dit.SharedFirstBlock() if share else None
+        return [nfe(shared=shared) for _ in range(passes - 1)] + [nfe(null_audio, shared=shared)]
 
     def batched_step(passes: int):
         """All guidance passes of one step in one forward (one speaker: they share the audio shape)."""
@@ -100,8 +109,12 @@ def main() -> None:
 
     torch.cuda.reset_peak_memory_stats()
     per_nfe = cuda_time(nfe, warmup=2 if a.compile else 1, reps=a.reps)
-    step3 = cuda_time(lambda: (nfe(), nfe(), nfe(null_audio)), warmup=0, reps=2)
-    step2 = cuda_time(lambda: (nfe(), nfe(null_audio)), warmup=0, reps=2)
+    step3 = cuda_time(lambda: step(3), warmup=0, reps=2)
+    step2 = cuda_time(lambda: step(2), warmup=0, reps=2)
+    unshared = {}
+    if a.unshared:
+        unshared["step3_unshared_s"] = median(cuda_time(lambda: step(3, share=False), warmup=0, reps=2))
+        unshared["step2_unshared_s"] = median(cuda_time(lambda: step(2, share=False), warmup=0, reps=2))
     batched = {}
     if a.people == 1 and not a.no_batched:
         batched["step3_batched_s"] = median(cuda_time(lambda: batched_step(3), warmup=1, reps=2))
@@ -113,7 +126,7 @@ def main() -> None:
         gluon_variant=a.gluon_variant, fused_norms=not a.torch_norms,
         attention=resolve_backend("cuda"), attention_setting=os.environ.get("TALKGEN_ATTENTION", "auto"), layers=a.layers, people=a.people, tokens=tokens,
         frames=a.frames, size=[a.height, a.width], nfe_s=median(per_nfe), nfe_all=per_nfe,
-        step3_s=median(step3), step2_s=median(step2),
+        step3_s=median(step3), step2_s=median(step2), **unshared,
         peak_gpu_gib=torch.cuda.max_memory_allocated() / 2**30, peak_rss_gib=peak_rss_gib(),
         params=sum(p.numel() for p in model.parameters()), **batched,
     ))

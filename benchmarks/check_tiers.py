@@ -65,7 +65,7 @@ def dit_tier(a) -> None:
     sync(a.device)
     setup_s = time.perf_counter() - started
     streamer = manager.streamers.get("DiT")
-    compile_blocks(model.blocks, forward_only=a.tier == "stream-blocks", backend="inductor" if cuda else "eager")
+    compile_blocks(model.blocks, backend="inductor" if cuda else "eager")
     if cuda:
         torch.cuda.empty_cache()
     cond = inputs(config, a.frames, a.height, a.width, 1, dtype, device=a.device)

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_dit import inputs  # noqa: E402
 from benchmarks.common import cuda_time, median, random_dit  # noqa: E402
 from talkgen.models.dit import DiTConfig  # noqa: E402
+from talkgen.runtime.compile import compile_blocks  # noqa: E402
 
 
 def sdpa_backends(tokens: int) -> None:
@@ -53,8 +54,7 @@ def main() -> None:
 
         for block in model.blocks:
             quantize_fp8(block)
-    for block in model.blocks:
-        block.compile(dynamic=False)
+    compile_blocks(model.blocks)
     cond = inputs(config, 81, 448, 896, a.people, torch.bfloat16)
     with torch.no_grad():
         for _ in range(2):

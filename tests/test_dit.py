@@ -134,3 +134,109 @@ def test_diffusers_layout_loads_to_the_same_model(path: Path, tmp_path: Path) ->
     model, _ = load_dit(transformer, audio_file, config=config, dtype=torch.float32, layout="diffusers")
     for name, value in model.state_dict().items():
         assert torch.equal(value, weights[name].to(value.dtype)), name
+
+
+# -- the first block shared between guidance passes ----------------------------------------------
+
+
+def tiny_random_dit(layers: int = 3) -> WanMultiTalkDiT:
+    import dataclasses
+
+    from talkgen.pipeline.tiny import tiny_dit_state
+
+    config = dataclasses.replace(DiTConfig.tiny(), num_layers=layers)
+    model = WanMultiTalkDiT(config)
+    model.load_state_dict(tiny_dit_state(config, 3))
+    return model.eval().requires_grad_(False)
+
+
+def guidance_pass_inputs(config: DiTConfig, people: int) -> list[dict]:
+    """cond, drop-text and uncond of one step: one latent, other texts and audio (the null pass
+    one silent speaker, as the pipeline runs it)."""
+    g = torch.Generator().manual_seed(5)
+    t, h, w = 2, 8, 8
+    masks = torch.zeros(3, h, w)
+    masks[0, :, : w // 2] = 1
+    masks[1, :, w // 2 :] = 1
+    audio = torch.randn(1, people, 5, config.audio_window, config.audio_layers, config.audio_channels, generator=g)
+    common = dict(x=torch.randn(1, 16, t, h, w, generator=g), t=torch.tensor([640.0]),
+                  y=torch.randn(1, 20, t, h, w, generator=g), clip_fea=torch.randn(1, 5, config.image_dim, generator=g))
+    text, null_text = (torch.randn(n, config.text_dim, generator=g) for n in (7, 4))
+    two = masks if people == 2 else None
+    return [
+        dict(common, context=[text], audio=audio, ref_target_masks=two),
+        dict(common, context=[null_text], audio=audio, ref_target_masks=two),
+        dict(common, context=[null_text], audio=torch.zeros_like(audio[:, -1:]), ref_target_masks=None),
+    ]
+
+
+@pytest.mark.parametrize("people", [1, 2])
+def test_shared_first_block_gives_each_pass_its_own_output(people: int, monkeypatch) -> None:
+    """One step's passes computed with a SharedFirstBlock equal, bit for bit, the passes computed
+    alone, while the first block's self-attention runs once (the other blocks' once per pass)."""
+    from talkgen.models.dit import DiTBlock, SharedFirstBlock
+
+    model = tiny_random_dit()
+    passes = guidance_pass_inputs(model.config, people)
+    with torch.no_grad():
+        alone = [model(**inputs) for inputs in passes]
+    calls = []
+    original = DiTBlock.attend_self
+    monkeypatch.setattr(DiTBlock, "attend_self", lambda self, *a, **k: calls.append(self) or original(self, *a, **k))
+    shared = SharedFirstBlock()
+    with torch.no_grad():
+        together = [model(**inputs, shared=shared) for inputs in passes]
+    for name, a, b in zip(("cond", "drop_text", "uncond"), alone, together):
+        assert torch.equal(a, b), name
+    assert shared.reused == 2
+    assert calls.count(model.blocks[0]) == 1
+    assert all(calls.count(block) == 3 for block in model.blocks[1:])
+
+
+def test_shared_first_block_recomputes_what_it_cannot_reuse() -> None:
+    """A pass with another batch than the saved result (rows of a batch are not bit-identical to
+    the same rows alone), or one that needs the person map the saved result lacks (the
+    one-speaker null pass ran first), computes its own first block, which is saved in turn."""
+    from talkgen.models.dit import SharedFirstBlock
+
+    model = tiny_random_dit(layers=2)
+    cond, _, uncond = guidance_pass_inputs(model.config, people=2)
+
+    def rows(inputs: dict, n: int) -> dict:
+        return dict(inputs, x=inputs["x"].expand(n, -1, -1, -1, -1), y=inputs["y"].expand(n, -1, -1, -1, -1),
+                    t=inputs["t"].expand(n), context=inputs["context"] * n, clip_fea=inputs["clip_fea"].expand(n, -1, -1),
+                    audio=inputs["audio"].expand(n, -1, -1, -1, -1, -1))
+
+    shared = SharedFirstBlock()
+    with torch.no_grad():
+        first_uncond = model(**uncond, shared=shared)
+        assert torch.equal(model(**cond, shared=shared), model(**cond))  # needs the person map: computes
+        assert shared.reused == 0
+        assert torch.equal(model(**rows(cond, 2), shared=shared), model(**rows(cond, 2)))  # two rows: computes
+        assert shared.reused == 0
+        assert torch.equal(model(**uncond, shared=shared), first_uncond)  # batch 1 against 2: computes
+        assert shared.reused == 0
+        assert torch.equal(model(**cond, shared=shared), model(**cond))  # saved by the uncond: lacks the map
+        assert torch.equal(model(**uncond, shared=shared), first_uncond)
+    assert shared.reused == 1
+
+
+def test_pipeline_step_shares_the_first_block(monkeypatch) -> None:
+    """The sampling loop hands one SharedFirstBlock to the passes of each step: a 3-pass step runs
+    the first block's self-attention once."""
+    from talkgen.models.dit import DiTBlock
+    from talkgen.pipeline.pipeline import Conditioning, Pipeline
+    from talkgen.sampling.guidance import GuidanceConfig
+
+    model = tiny_random_dit(layers=2)
+    cond_inputs, _, _ = guidance_pass_inputs(model.config, people=1)
+    cond = Conditioning(y=cond_inputs["y"][0], clip_tokens=cond_inputs["clip_fea"], context=cond_inputs["context"][0],
+                        context_null=torch.zeros(3, model.config.text_dim), audio=cond_inputs["audio"][0],
+                        person_masks=None)
+    calls = []
+    original = DiTBlock.attend_self
+    monkeypatch.setattr(DiTBlock, "attend_self", lambda self, *a, **k: calls.append(self) or original(self, *a, **k))
+    pipe = Pipeline(model, vae=None)
+    pipe.sample_chunk(cond_inputs["x"][0], cond, steps=2, shift=3.0, guidance=GuidanceConfig(5.0, 4.0))
+    assert calls.count(model.blocks[0]) == 2  # once per step
+    assert calls.count(model.blocks[1]) == 6  # every pass of both steps

@@ -34,7 +34,7 @@ import torch
 from talkgen.audio.tts import TTSBackend
 from talkgen.errors import InputError
 from talkgen.media.scenes import ShotList
-from talkgen.models.dit import WanMultiTalkDiT
+from talkgen.models.dit import SharedFirstBlock, WanMultiTalkDiT
 from talkgen.pipeline.chunks import (
     Chunk,
     ChunkCallback,
@@ -226,8 +226,7 @@ class Pipeline:
             merge_loras(components["dit"], [(str(path), scale) for path, scale in loras])
         components["memory"] = apply_plan(components, plan, device)
         if compile_enabled(device.type):
-            # Streamed blocks move their weights in forward hooks: compile only their forward.
-            compile_blocks(components["dit"].blocks, forward_only=plan.tier == "stream-blocks")
+            compile_blocks(components["dit"].blocks)
         extra = {}
         if parallel is not None:
             from talkgen.runtime.launch import ParallelPipeline
@@ -378,6 +377,8 @@ class Pipeline:
             groups.setdefault(key, []).append(name)
         preds = {}
         forward = self.dit if self.parallel is None else self.parallel
+        # The passes feed the first block the same tokens: its self-attention runs once per step.
+        shared = {} if self.parallel is not None else dict(shared=SharedFirstBlock())
         for names in groups.values():
             audio = torch.stack([passes[n]["audio"] for n in names])
             batch = len(names)
@@ -391,7 +392,7 @@ class Pipeline:
                     y=cond.y[None].expand(batch, *cond.y.shape), context=[passes[n]["context"] for n in names],
                     clip_fea=cond.clip_tokens.expand(batch, -1, -1), audio=audio,
                     ref_target_masks=cond.person_masks if audio.shape[1] == 2 else None,
-                    block_runner=runner,
+                    block_runner=runner, **shared,
                 )
             preds.update(zip(names, out.unbind(0)))
         return preds

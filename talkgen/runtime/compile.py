@@ -17,15 +17,16 @@ def compile_enabled(device_type: str) -> bool:
     return device_type == "cuda"
 
 
-def compile_blocks(blocks: nn.ModuleList, *, forward_only: bool = False, backend: str = "inductor") -> None:
-    """Compile each block in place; identical blocks share the compiled code.
+def compile_blocks(blocks: nn.ModuleList, *, backend: str = "inductor") -> None:
+    """Compile each block's two halves in place (``attend_self``, ``attend_context``); identical
+    blocks share the compiled code.
 
-    ``forward_only``: compile ``block.forward`` rather than the whole call, so the module's
-    forward hooks (the streamed blocks' weight movement, :mod:`talkgen.runtime.offload`) run
-    outside the compiled region.
+    ``DiTBlock.forward`` itself stays eager: it only picks whether the first half is computed or
+    shared between guidance passes (``SharedFirstBlock``), and the module's forward hooks (the
+    streamed blocks' weight movement, :mod:`talkgen.runtime.offload`) run outside the compiled
+    regions. The halves meet where the residual stream and the next LayerNorm's output are written
+    anyway, so the split moves no extra bytes.
     """
     for block in blocks:
-        if forward_only:
-            block.forward = torch.compile(block.forward, dynamic=False, backend=backend)
-        else:
-            block.compile(dynamic=False, backend=backend)
+        block.attend_self = torch.compile(block.attend_self, dynamic=False, backend=backend)
+        block.attend_context = torch.compile(block.attend_context, dynamic=False, backend=backend)

@@ -339,34 +339,13 @@ class ImageTextCrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         heads = self.num_heads
-        per_head = lambda t: t.unflatten(-1, (heads, -1))  # noqa: E731  [B, L, C] -> [B, L, H, D]
-        q = per_head(self.norm_q(self.q(x)))
-        k = per_head(self.norm_k(self.k(text)))
-        v = per_head(self.v(text))
-        k_img = per_head(self.norm_k_img(self.k_img(image)))
-        v_img = per_head(self.v_img(image))
-        return self.o(text_image_attention(q, k, v, k_img, v_img))
-
-
-def text_image_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: torch.Tensor,
-                         v_img: torch.Tensor) -> torch.Tensor:
-    """``attention(q, k, v) + attention(q, k_img, v_img)`` with the heads merged: [B, L, H, D] inputs
-    -> [B, Lq, H * D] in q's dtype. On a GPU where talkgen's kernels may run, one Triton kernel that
-    writes only the sum (:mod:`talkgen.kernels.cross_attention`, the same roundings); else SDPA twice
-    and a bf16 add."""
-    d = q.shape[-1]
-    if _own_kernel_takes(q, k, v, k_img, v_img) and d >= 16 and d & (d - 1) == 0:
-        from talkgen.kernels.cross_attention import text_image_attention as kernel
-
-        return kernel(q, k, v, k_img, v_img)
-    return torch_text_image_attention(q, k, v, k_img, v_img)
-
-
-def torch_text_image_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: torch.Tensor,
-                               v_img: torch.Tensor) -> torch.Tensor:
-    """:func:`text_image_attention` in torch ops (SDPA)."""
-    q, k, v, k_img, v_img = (t.transpose(1, 2) for t in (q, k, v, k_img, v_img))
-    return merge_heads(attention(q, k, v)) + merge_heads(attention(q, k_img, v_img))
+        q = split_heads(self.norm_q(self.q(x)), heads)
+        k = split_heads(self.norm_k(self.k(text)), heads)
+        v = split_heads(self.v(text), heads)
+        k_img = split_heads(self.norm_k_img(self.k_img(image)), heads)
+        v_img = split_heads(self.v_img(image), heads)
+        out = merge_heads(attention(q, k, v)) + merge_heads(attention(q, k_img, v_img))
+        return self.o(out)
 
 
 class AudioCrossAttention(nn.Module):

@@ -13,7 +13,7 @@ source "$(dirname "$0")/gpu_common.sh"
 
 step floor 60 python3 .bench/floor.py 81 448 896
 step reference 110 env UPSTREAM_DIR=.bench/upstream python3 .bench/reference_step.py --steps 1 --humans 1
-step dit_bf16 150 python3 benchmarks/bench_dit.py --people 1 --compile --no-batched
+step dit_bf16 180 python3 benchmarks/bench_dit.py --people 1 --compile --no-batched --unshared
 step dit_fp8 140 python3 benchmarks/bench_dit.py --people 1 --compile --no-batched --fp8
 step clip_stream12 150 python3 benchmarks/bench_clip.py --steps 4 --text-scale 1 --audio-scale 2 --shift 2 \
   --memory stream-blocks --vram-budget 12

@@ -42,6 +42,11 @@ def rows(folder: Path) -> list[list[str]]:
     step = bf16 and bf16["step3_s"]
     out.append(["one 3-NFE step, bf16", seconds(step), seconds(floor_step), seconds(ref_step), ratio(step, floor_step),
                 ratio(step, ref_step), "<= 1.05x floor", verdict(None if not (step and floor_step) else step <= 1.05 * floor_step)])
+    unshared = bf16 and bf16.get("step3_unshared_s")
+    if unshared:  # bench_dit --unshared: the step without talkgen.models.dit.SharedFirstBlock
+        out.append(["the same, each pass computing the first block's self-attention", seconds(unshared),
+                    seconds(floor_step), seconds(ref_step), ratio(unshared, floor_step), ratio(unshared, ref_step),
+                    "(for comparison)", ""])
     step8 = fp8 and fp8["step3_s"]
     out.append(["one 3-NFE step, fp8 GEMMs", seconds(step8), seconds(floor_step), seconds(ref_step),
                 ratio(step8, floor_step), ratio(step8, ref_step), "<= 5.5 s", verdict(None if step8 is None else step8 <= 5.5)])

@@ -153,8 +153,10 @@ def estimate_sizes(tiny: bool = False, dtype: torch.dtype = torch.bfloat16, fp8:
     text_other = _bytes(text, dtype) - text_blocks * text_block
     half = 2 if dtype != torch.float32 else 4
     # DiT activations: the residual stream, norms and modulation in float32, q/k/v, the FFN's
-    # hidden layer; about 4 GiB at 32,928 tokens (measured peaks: 3.1 GiB compiled, 4.0 eager).
-    dit_workspace = REFERENCE_TOKENS * (config.dim * 8 * half + config.ffn_dim * 2 * half)
+    # hidden layer; about 4 GiB at 32,928 tokens (measured peaks: 3.1 GiB compiled, 4.0 eager). Plus
+    # the first block's outputs kept for the step's other guidance passes (SharedFirstBlock: the
+    # residual stream and the next LayerNorm's output, 0.63 GiB at 32,928 tokens).
+    dit_workspace = REFERENCE_TOKENS * (config.dim * (8 + 2) * half + config.ffn_dim * 2 * half)
     # The VAE (float32) at 448x896: its full-resolution stages hold a few [96, 4, 448, 896] maps;
     # the end-to-end clip peaked 11 GiB above the weights untiled. Tiles of 256x256 px cut that.
     vae_workspace = (11 * GiB) if not tiny else 64 * 2**20

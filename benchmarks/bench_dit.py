@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import cuda_time, median, peak_rss_gib, random_dit, save  # noqa: E402
 from talkgen.models import dit  # noqa: E402
 from talkgen.models.attention import resolve_backend  # noqa: E402
-from talkgen.runtime.compile import compile_blocks  # noqa: E402
 from talkgen.models.dit import DiTConfig  # noqa: E402
+from talkgen.runtime.compile import compile_blocks  # noqa: E402
 
 
 def inputs(config: DiTConfig, frames: int, height: int, width: int, people: int, dtype, device="cuda"):

@@ -57,6 +57,9 @@ def main() -> None:
     ap.add_argument("--torch-norms", action="store_true",
                     help="the block's residual adds + LayerNorms as torch ops (Inductor) instead of "
                          "talkgen.kernels.layer_norm: the A/B of that kernel")
+    ap.add_argument("--unfused-gelu", action="store_true",
+                    help="the FFN's bias + GELU as a kernel of its own (Inductor) instead of the GEMM's cuBLASLt "
+                         "epilogue (talkgen.models.dit.FeedForward): the A/B of that epilogue")
     ap.add_argument("--unshared", action="store_true",
                     help="also time the steps with every pass computing the first block's self-attention itself")
     ap.add_argument("--no-batched", action="store_true",
@@ -66,6 +69,8 @@ def main() -> None:
     dtype = torch.bfloat16
     if a.torch_norms:  # the block looks these up at call time, so the compiled forward traces the torch ops
         dit.add_and_norm, dit.modulated_norm = dit.torch_add_and_norm, dit.torch_modulated_norm
+    if a.unfused_gelu:
+        dit._gelu_epilogue_takes = lambda x, layer: False
     config = DiTConfig(num_layers=a.layers)
     model = random_dit(config, dtype)
     if a.gluon_variant:
@@ -123,7 +128,7 @@ def main() -> None:
     gemms = "fp8" if a.fp8 else "bf16"
     save(f"dit{a.tag}_{'compiled' if a.compile else 'eager'}_{a.people}p{'_fp8' if a.fp8 else ''}", dict(
         impl="talkgen", compiled=a.compile, dtype="bf16", gemms=gemms, torchao_inductor=a.torchao_inductor,
-        gluon_variant=a.gluon_variant, fused_norms=not a.torch_norms,
+        gluon_variant=a.gluon_variant, fused_norms=not a.torch_norms, gelu_epilogue=not a.unfused_gelu,
         attention=resolve_backend("cuda"), attention_setting=os.environ.get("TALKGEN_ATTENTION", "auto"), layers=a.layers, people=a.people, tokens=tokens,
         frames=a.frames, size=[a.height, a.width], nfe_s=median(per_nfe), nfe_all=per_nfe,
         step3_s=median(step3), step2_s=median(step2), **unshared,

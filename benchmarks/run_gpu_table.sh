@@ -3,7 +3,7 @@
 # the reference MultiTalk step measured in the same run, talkgen's compiled DiT step in bf16 and with
 # fp8 GEMMs, the 4-step distilled clip end to end (fp8, resident) and in the smallest tier
 # (stream-blocks, 12 GiB budget, bf16), then the fp8 step with the 8-bit attention and the mp4
-# encode's threading (CPU). The whole script took 429 s on 2026-12-07 (before the mp4 step). Each
+# encode's threading (CPU). The whole script took 456 s on 2026-12-07 (its third run). Each
 # step runs in its own process under its own time limit and an overall deadline; a failing step
 # does not stop the others. Logs and JSON under $OUT.
 #

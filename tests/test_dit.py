@@ -240,3 +240,52 @@ def test_pipeline_step_shares_the_first_block(monkeypatch) -> None:
     pipe.sample_chunk(cond_inputs["x"][0], cond, steps=2, shift=3.0, guidance=GuidanceConfig(5.0, 4.0))
     assert calls.count(model.blocks[0]) == 2  # once per step
     assert calls.count(model.blocks[1]) == 6  # every pass of both steps
+
+
+def test_ffn_fuses_bias_and_gelu_into_the_gemm_where_kernels_run(monkeypatch) -> None:
+    """In bf16 where talkgen's kernels may run, the FFN's first layer runs as one GEMM with a bias +
+    tanh-GELU epilogue (``torch._addmm_activation``): the same result as the Sequential path, to
+    bf16 rounding, and the released key names. Elsewhere (float32, the CPU) the plain path runs."""
+    import torch.nn.functional as F
+
+    from talkgen.models import dit
+    from talkgen.models.dit import FeedForward
+
+    ffn = FeedForward(32, 80)
+    assert [k for k, _ in ffn.state_dict().items()] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    x = torch.randn(2, 12, 32, generator=torch.Generator().manual_seed(0))
+    calls = []
+    original = torch._addmm_activation
+    monkeypatch.setattr(torch, "_addmm_activation", lambda *a, **k: calls.append(k) or original(*a, **k))
+    with torch.no_grad():
+        exact = F.linear(F.gelu(F.linear(x, ffn[0].weight, ffn[0].bias), approximate="tanh"), ffn[2].weight, ffn[2].bias)
+        assert torch.equal(ffn(x), torch.nn.Sequential(*ffn)(x)) and not calls  # float32 on the CPU: plain
+        ffn.to(torch.bfloat16)
+        plain = ffn(x.bfloat16())
+        assert not calls
+        monkeypatch.setattr(dit, "own_kernels_allowed", lambda device_type: True)
+        fused = ffn(x.bfloat16())
+    assert calls == [{"use_gelu": True}]
+    assert fused.shape == plain.shape == x.shape and fused.dtype == torch.bfloat16
+    assert rel_err(fused.float(), exact) < 1e-2 and rel_err(plain.float(), exact) < 1e-2
+
+
+def test_ffn_keeps_the_plain_path_for_converted_layers(monkeypatch) -> None:
+    """A layer whose weight is a tensor subclass (torchao's fp8 weights), or that has no bias,
+    keeps the torch path: the epilogue GEMM takes plain tensors only."""
+    from talkgen.models import dit
+    from talkgen.models.dit import FeedForward, _gelu_epilogue_takes
+
+    class Converted(torch.Tensor):
+        pass
+
+    monkeypatch.setattr(dit, "own_kernels_allowed", lambda device_type: True)
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ffn = FeedForward(16, 24).to(torch.bfloat16)
+        assert _gelu_epilogue_takes(x, ffn[0])
+        assert not _gelu_epilogue_takes(x.float(), ffn[0])  # the layer's dtype differs
+        ffn[0].weight = torch.nn.Parameter(torch.Tensor._make_subclass(Converted, ffn[0].weight.detach()),
+                                           requires_grad=False)
+        assert not _gelu_epilogue_takes(x, ffn[0])
+        assert not _gelu_epilogue_takes(x, torch.nn.Linear(16, 24, bias=False).to(torch.bfloat16))

@@ -93,6 +93,7 @@ kwargs = dict(e0=torch.randn(2, 6, config.dim), rope=dit._rope_3d_table(grid, co
               text=torch.randn(2, 5, config.dim).to(torch.float16), image=torch.randn(2, 3, config.dim).to(torch.float16),
               audio_tokens=torch.randn(2, grid[0], config.context_tokens, config.output_dim).to(torch.float16),
               frames=grid[0], person_masks=None)
+dit._gelu_epilogue_takes = lambda x, layer: False  # the FFN's GEMM epilogue rounds otherwise: tests/test_dit.py
 dit.own_kernels_allowed = lambda device_type: False
 with torch.no_grad():
     expected = block(x, **kwargs).float()

@@ -87,9 +87,9 @@ def resolve_backend(device_type: str, device_index: int = 0) -> str:
 @torch.compiler.assume_constant_result
 def own_kernels_allowed(device_type: str) -> bool:
     """Whether talkgen's plain Triton kernels (not attention: ``talkgen.kernels.norm_rope`` and
-    ``talkgen.kernels.layer_norm``) may run on a device type: a CUDA GPU, Triton importable, and
-    ``TALKGEN_ATTENTION`` not ``sdpa`` (which keeps a run on PyTorch's own kernels only). Constant
-    for a process (torch.compile bakes it in)."""
+    ``talkgen.kernels.layer_norm``) and the FFN's GEMM epilogue (``talkgen.models.dit.FeedForward``)
+    may run on a device type: a CUDA GPU, Triton importable, and ``TALKGEN_ATTENTION`` not ``sdpa``
+    (which keeps a run on PyTorch's plain ops). Constant for a process (torch.compile bakes it in)."""
     return (device_type == "cuda" and torch.cuda.is_available() and backend_setting() != "sdpa"
             and _triton_version() is not None)
 
